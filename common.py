@@ -81,6 +81,14 @@ def run(main: Callable[[], Any]) -> None:
         sys.exit(2)
 
 
+def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
+    """N for this data set: `n` when given (> 0), else what 01_catalog.py wrote the prompts with."""
+    if n > 0:
+        return n
+    summary = Path(data_dir) / "catalog_summary.json"
+    return int(json.loads(summary.read_text())["n"]) if summary.exists() else N_ITEMS
+
+
 def require(path: str | os.PathLike, hint: str) -> Path:
     """Return `path` if it exists, else stop with a message that says which stage makes it."""
     p = Path(path)
@@ -649,11 +657,58 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
     return texts
 
 
+def _gather_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # [B, c, V], fp32 for the normaliser
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                        chunk: int = 128) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of the last `n_completion` tokens of every sequence.
+
+    input_ids, attention_mask [B, L]: a left-padded prompt followed by the completion (padded on the
+    right). Returns [B, T], T = n_completion, in fp32. Two details matter:
+      - positions count real tokens only, as generate() does, so left padding does not shift them
+        (otherwise the log-probs here would differ from the policy that sampled the completion);
+      - the vocabulary projection runs chunk by chunk and, when gradients are on, under activation
+        checkpointing: no [B, T, V] tensor is ever built and nothing of size V is kept for backward
+        (with a 49k-152k vocabulary that tensor is the largest thing in the step).
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # [B, L, H]
+    hidden = hidden[:, -n_completion - 1:-1]  # the state before each completion token predicts it
+    targets = input_ids[:, -n_completion:]
+    lm_head = model.get_output_embeddings()
+    out = []
+    for s in range(0, n_completion, chunk):
+        h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(_gather_logprobs, lm_head, h, y, use_reentrant=False))
+        else:
+            out.append(_gather_logprobs(lm_head, h, y))
+    return torch.cat(out, dim=1)
+
+
 def save_model(model, tok, out_dir: str | os.PathLike) -> None:
-    """save_pretrained model and tokenizer into `out_dir`, atomically (a crash leaves the old one)."""
-    with atomic_path(out_dir) as tmp:
+    """save_pretrained model and tokenizer into `out_dir`, which may also hold a run's logs.
+
+    Files are written to a temporary directory first and moved in one rename each, weights last,
+    so a crash never leaves a half-written file; other files in `out_dir` (log.jsonl, ...) stay.
+    """
+    import tempfile
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".model.") as tmp_name:
+        tmp = Path(tmp_name)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        new = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors")
+        for old in out.glob("*.safetensors*"):  # stale shards of an earlier save
+            if not (tmp / old.name).exists():
+                old.unlink()
+        for f in new:
+            os.replace(f, out / f.name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -266,3 +266,47 @@ def test_generate_batched_matches_one_by_one(tiny):
     together = common.generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
     alone = [common.generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert together == alone
+
+
+def test_completion_logprobs_equal_full_softmax_and_ignore_left_padding(tiny):
+    model, tok = tiny
+    prompts = [tok.encode("Heat (1995) is"), tok.encode("a much longer prompt about Alien (1979) and")]
+    comps = [tok.encode(" Ronin (1998)\nJaws"), tok.encode(" Heat (1995)\nX")]
+    T = max(len(c) for c in comps)
+    comps = [c + [tok.pad_token_id] * (T - len(c)) for c in comps]
+    ids, attn = common.left_pad(prompts, tok.pad_token_id)
+    ids = torch.cat([ids, torch.tensor(comps)], 1)
+    attn = torch.cat([attn, torch.ones(2, T, dtype=torch.long)], 1)
+    with torch.no_grad():
+        lp = common.completion_logprobs(model, ids, attn, T, chunk=3)
+        for i in range(2):  # the same sequence alone, no padding, through the plain forward pass
+            alone = torch.tensor([prompts[i] + comps[i]])
+            full = torch.log_softmax(model(alone).logits.float(), -1)[0, len(prompts[i]) - 1:-1]
+            ref = full.gather(-1, torch.tensor(comps[i])[:, None]).squeeze(-1)
+            assert torch.allclose(lp[i], ref, atol=1e-5)
+
+
+def test_completion_logprobs_gradient_matches_plain_forward(tiny):
+    model, tok = tiny
+    ids = torch.tensor([tok.encode("Heat (1995)\nAlien (1979)\nJaws (1975)")])
+    attn = torch.ones_like(ids)
+    model.zero_grad()
+    common.completion_logprobs(model, ids, attn, 6, chunk=4).sum().backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(ids).logits.float()
+    torch.log_softmax(logits, -1)[0, -7:-1].gather(-1, ids[0, -6:, None]).sum().backward()
+    g2 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_save_model_keeps_other_files_in_the_run_dir(tiny, tmp_path):
+    model, tok = tiny
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n')
+    common.save_model(model, tok, tmp_path)
+    common.save_model(model, tok, tmp_path)
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 1}\n'
+    assert (tmp_path / "model.safetensors").exists()
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
