@@ -45,7 +45,8 @@ class Config:
     conversations: int = arg(2000, "demo conversations; split in time order into train/val/test")
     val_frac: float = arg(0.1, "fraction of conversations (the latest but test) for validation")
     test_frac: float = arg(0.1, "fraction of conversations (the latest) for test")
-    n: int = arg(common.N_ITEMS, "N, the list length asked for in the prompt (paper: 20)")
+    n: int = arg(0, "N, the list length asked for in the prompt; 0: 10 for the CPU-sized demo world, "
+                    "20 (the paper's) for imported data. Later stages read it from catalog_summary.json")
     from_dir: str = arg("", "import released-format data from this directory instead of the demo")
     catalog_pkl: str = arg("", "with --from-dir: catalog as a pickled list of (title, year) tuples")
 
@@ -53,6 +54,8 @@ class Config:
 # ------------------------------------------------------------------------------------------------
 # The demo world
 # ------------------------------------------------------------------------------------------------
+
+DEMO_N = 10  # the demo's list length: half the paper's N = 20, so sampling and training fit a CPU
 
 # How people name a genre in a post ("looking for some ___").
 GENRE_PHRASES = {
@@ -373,6 +376,7 @@ def oracle_lists(rows: list[dict], catalog: list[dict], hidden: dict, n: int) ->
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
+    cfg.n = cfg.n or (common.N_ITEMS if cfg.from_dir else DEMO_N)
     out = Path(cfg.data_dir)
     if cfg.from_dir:
         src = common.require(cfg.from_dir, "give a directory with train/val/test JSON or JSONL files")

@@ -96,6 +96,12 @@ def test_import_released_format(released, tmp_path):
     catalog = {(c["title"], c["year"]): c["count"] for c in common.read_jsonl(out / "catalog.jsonl")}
     assert catalog == {("Alien", 1979): 2, ("Ronin", 1998): 1, ("Heat", 1995): 1, ("Dune", 2021): 0,
                        ("Gravity", 2013): 0}
+    assert common.data_n(out) == 20  # the released prompts ask for the paper's N
+
+
+def test_demo_world_default_n_is_cpu_sized(tmp_path):
+    cat01.main(["--data-dir", str(tmp_path), "--conversations", "10"])
+    assert common.data_n(tmp_path) == 10 and common.data_n(tmp_path, 7) == 7
 
 
 def test_import_with_catalog_pickle(released, tmp_path):
