@@ -319,6 +319,32 @@ def mean_and_se(values: Sequence[float], groups: Sequence[str] | None = None) ->
     return float(v.mean()), se
 
 
+def score_texts(texts: list[str], rows: list[dict], catalog: Catalog, n: int,
+                ks: Sequence[int] = KS) -> tuple[list[dict], dict[str, float]]:
+    """Score one completion per row; returns per-row scores and their summary."""
+    scores = [score_completion(t, r, catalog, n, ks) for t, r in zip(texts, rows)]
+    return scores, summarize(scores, rows)
+
+
+def generate_for_rows(model, tok, rows: list[dict], max_new_tokens: int, **kw) -> list[str]:
+    """Greedy completions for data rows, generated once per unique prompt (the rows of one
+    conversation share it, as in the paper's evaluation) and handed back one per row."""
+    keys = [prompt_key(r["prompt"]) for r in rows]
+    unique = list(dict.fromkeys(keys))
+    first = {k: r["prompt"] for k, r in zip(keys, rows)}
+    texts = generate(model, tok, [first[k] for k in unique], max_new_tokens, **kw)
+    by_key = dict(zip(unique, texts))
+    return [by_key[k] for k in keys]
+
+
+def first_conversations(rows: list[dict], limit: int) -> list[dict]:
+    """The rows of the first `limit` conversations (all rows when limit <= 0)."""
+    if limit <= 0:
+        return rows
+    keep = set(list(dict.fromkeys(conversation_id(r) for r in rows))[:limit])
+    return [r for r in rows if conversation_id(r) in keep]
+
+
 def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
     """Mean (and `<key>_se`) of every scalar in `scores`, SE clustered by conversation."""
     groups = [conversation_id(r) for r in rows]
