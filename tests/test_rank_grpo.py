@@ -300,8 +300,21 @@ def test_accumulated_micro_batches_equal_the_full_batch(tiny):
 # --- 6. smoke runs ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
+def sft_dir(tmp_path_factory, demo_data):
+    """The tiny model after a few seconds of fitting one list after the demo prompts, so that its
+    samples have several lines: items beyond N = 1 (overflow, eps_o) give every step a gradient."""
     model, tok = common.load_model("tiny")
+    listing = tok.encode("Heat (1995)\nAlien (1979)\nJaws (1975)\nRocky (1976)\nGravity (2013)")
+    prompts = common.encode_prompts(tok, [r["prompt"] for r in common.read_rows(demo_data / "train.jsonl", "")[:4]],
+                                    2048)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(60):
+        ids = torch.tensor([prompts[step % 4] + listing])
+        labels = ids.clone()
+        labels[0, :len(prompts[step % 4])] = -100
+        model(ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
     out = tmp_path_factory.mktemp("sft")
     common.save_model(model, tok, out)
     return out
@@ -309,9 +322,9 @@ def sft_dir(tmp_path_factory):
 
 def args(demo_data, sft_dir, out, *extra):
     return ["--data-dir", str(demo_data), "--model", str(sft_dir), "--out", str(out), "--steps", "2",
-            "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "4", "--max-new-tokens", "16",
+            "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "4", "--max-new-tokens", "20",
             "--val-limit", "2", "--val-every", "0", "--sample-every", "1", "--save-every", "1", "--lr", "1e-3",
-            "--n", "2", *extra]  # the random policy never hits; at N=2 its overflow lines get eps_o
+            "--n", "1", *extra]
 
 
 def weights(d):
@@ -325,10 +338,10 @@ def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("reward@1", "reward@2", "ndcg", "in_catalog", "valid", "kl", "clip_low", "clip_high",
+    for key in ("reward@1", "ndcg", "in_catalog", "valid", "kl", "clip_low", "clip_high",
                 "ratio", "grad_norm", "lr", "len", "t_sample", "t_score", "t_train"):
         assert key in steps[0]
-    assert any("val_ndcg@2" in r for r in log) == (algo == "rank_grpo")
+    assert any("val_ndcg@1" in r for r in log) == (algo == "rank_grpo")
     assert all(r["grad_norm"] > 0 for r in steps)
     before, after = weights(sft_dir), weights(tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before)
