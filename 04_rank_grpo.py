@@ -309,11 +309,11 @@ def validate(model, tok, rows, catalog, n, cfg: Config) -> dict[str, float]:
     """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit val conversations."""
     texts = common.generate_for_rows(model, tok, rows, cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
                                      max_prompt_tokens=cfg.max_prompt_tokens, progress="validation")
-    _, s = common.score_texts(texts, rows, catalog, n, ks=sorted({5, 10, n}))
+    ks = [k for k in common.cutoffs(n) if k in (5, 10, n)]
+    _, s = common.score_texts(texts, rows, catalog, n, ks)
     out = {}
-    for k in sorted({5, 10, n}):
-        if k <= n:
-            out[f"val_recall@{k}"], out[f"val_ndcg@{k}"] = s[f"recall@{k}_filtered"], s[f"ndcg@{k}_filtered"]
+    for k in ks:
+        out[f"val_recall@{k}"], out[f"val_ndcg@{k}"] = s[f"recall@{k}_filtered"], s[f"ndcg@{k}_filtered"]
     return out
 
 
@@ -351,8 +351,8 @@ def main(argv=None) -> None:
     train = common.read_rows(Path(cfg.data_dir) / "train.jsonl", "run 01_catalog.py first")
     val = common.first_conversations(common.read_rows(Path(cfg.data_dir) / "val.jsonl", "run 01_catalog.py first"),
                                      cfg.val_limit)
-    if cfg.model.startswith("runs/"):
-        common.require(cfg.model, "run 03_sft.py first")
+    if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
+        raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
     policy, tok = common.load_model(cfg.model, device=device)
     ref = None
     if cfg.beta > 0:

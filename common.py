@@ -37,6 +37,11 @@ YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2 (
 KS = (5, 10, 15, 20)  # cut-offs reported by the paper (section 3)
 
 
+def cutoffs(n: int) -> list[int]:
+    """The paper's k in {5, 10, 15, 20} below N, and N itself (N = 10 -> [5, 10])."""
+    return sorted({k for k in KS if k < n} | {n})
+
+
 # ------------------------------------------------------------------------------------------------
 # 1. Config: a dataclass whose fields carry a default and a one-line help; flags are --field-name.
 # ------------------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def generate_for_rows(model, tok, rows: list[dict], max_new_tokens: int, **kw) -
     keys = [prompt_key(r["prompt"]) for r in rows]
     unique = list(dict.fromkeys(keys))
     first = {k: r["prompt"] for k, r in zip(keys, rows)}
-    texts = generate(model, tok, [first[k] for k in unique], max_new_tokens, **kw)
+    texts = generate(model, tok, [first[k] for k in unique], max_new_tokens=max_new_tokens, **kw)
     by_key = dict(zip(unique, texts))
     return [by_key[k] for k in keys]
 
@@ -380,6 +385,15 @@ def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False) -> list[di
             raise DataError(f"{p}:{i + 1}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a syntax error raises DataError naming file and line."""
+    p = require(path, "no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 @contextlib.contextmanager
@@ -572,6 +586,14 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
         return LlamaForCausalLM(config)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' that is not a local path: no leading . / ~, and its first part is not a local
+    directory (so a missing runs/sft is reported as missing, not looked up on the hub)."""
+    first = name.split("/")[0]
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and first != "runs"
+            and not Path(first).is_dir())
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
     """(model, tokenizer) for 'smollm2', 'tiny', or a local HF directory / hub id.
@@ -585,8 +607,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         model = build_tiny_model(len(tok))
     else:
         path = str(_smollm2_dir()) if name == "smollm2" else name
-        if not (Path(path).is_dir() or "/" in path):
-            raise DataError(f"unknown model {name!r}: use smollm2, tiny, a directory or a hub id")
+        if not Path(path).is_dir() and not looks_like_hub_id(path):
+            raise DataError(f"{name}: no such model directory (models: smollm2, tiny, a directory, a hub id)")
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
