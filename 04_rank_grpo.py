@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +49,11 @@ ALGOS = {
     "grpo": ("token", "dcg", 0.2, 0.26),
     "gspo": ("sequence", "dcg", 3e-4, 4e-4),
 }
+
+
+# Settings that define the training trajectory: --resume refuses to change them.
+TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n", "prompts_per_step", "group_size", "mu",
+              "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low", "eps_high", "seed")
 
 
 @dataclass
@@ -317,23 +322,6 @@ def validate(model, tok, rows, catalog, n, cfg: Config) -> dict[str, float]:
     return out
 
 
-def show_sample(ro: Rollouts, i: int, rewards: torch.Tensor, catalog, n: int) -> None:
-    """Print one sampled list: each line, whether it is in the catalog / a hit, and its reward."""
-    row = ro.rows[i]
-    lines = common.split_lines(ro.texts[i])
-    j = common.judge_lines(common.parse_completion(ro.texts[i])[:n], common.row_groundtruth(row),
-                           row["seen_titles"], catalog)
-    print(f"  sample ({row['id']}), ground truth: "
-          + "; ".join(f"{t} ({y})" for t, y in common.row_groundtruth(row)))
-    for k, line in enumerate(lines):
-        if k < n:
-            mark = "HIT " if j["rel"][k] else ("cat " if j["in_catalog"][k] else "--- ")
-            print(f"  {k + 1:2d} {mark} r={rewards[i, k].item():+.2f}  {line[:70]}")
-        else:
-            print(f"  {k + 1:2d} over        {line[:70]}")
-    print(f"     eos={'yes' if ro.has_eos[i] else 'no'}")
-
-
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
     level, reward_kind, eps_low, eps_high = ALGOS[cfg.algo]
@@ -360,7 +348,7 @@ def main(argv=None) -> None:
         ref, _ = common.load_model(cfg.ref_model or cfg.model, dtype=ref_dtype, device=device)
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
+        common.enable_activation_checkpointing(policy)
     eos_ids = common.eos_token_ids(tok, policy)
     nl_table = newline_table(tok, policy.get_output_embeddings().weight.shape[0])
     print(f"policy {cfg.model} on {device} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params), "
@@ -375,13 +363,13 @@ def main(argv=None) -> None:
         optimizer, lambda s: drop if cfg.lr_drop_step and s >= cfg.lr_drop_step else 1.0)
     order = torch.Generator().manual_seed(cfg.seed)
     perm, pos, start = torch.randperm(len(train), generator=order).tolist(), 0, 0
+    common.start_run(out, cfg, cfg.resume, TRAJECTORY)
     if cfg.resume:
         state = common.load_checkpoint(out / "checkpoint", policy, optimizer, scheduler)
         start, pos, perm = state["step"], state["pos"], state["perm"]
         order.set_state(state["order"])
         print(f"resumed from {out}/checkpoint at step {start}")
-    common.write_json(out / "run_config.json", asdict(cfg))
-    log = common.StepLog(out / "log.jsonl", cfg.steps, resume=cfg.resume)
+    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=start if cfg.resume else None)
     if start == 0 and cfg.val_every:
         log.log(0, validate(policy, tok, val, catalog, n, cfg))
 
@@ -460,7 +448,7 @@ def main(argv=None) -> None:
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
             log.log(step, validate(policy, tok, val, catalog, n, cfg))
         if cfg.sample_every and step % cfg.sample_every == 0:
-            show_sample(ro, 0, rewards, catalog, n)
+            print(common.render_list(ro.texts[0], ro.rows[0], catalog, n, rewards[0].tolist()))
         if step % cfg.save_every == 0 or step == cfg.steps:
             common.save_checkpoint(out / "checkpoint", policy, tok, optimizer, scheduler,
                                    {"step": step, "pos": pos, "perm": perm, "order": order.get_state()})

@@ -184,21 +184,6 @@ def results_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def show_sample(sample: dict, n: int) -> str:
-    """One real list, its first N lines marked: + relevant, s seen, ? not in catalog, x not an item,
-    d a repeat, blank: a valid catalog item that is not in this row's ground truth."""
-    lines = common.split_lines(sample["text"])
-    out = [f"sample {sample['id']} (ground truth: "
-           + "; ".join(f"{t} ({y})" for t, y in sample["groundtruth"]) + ")"]
-    for i, line in enumerate(lines[:n]):
-        mark = ("+" if sample["rel"][i] else "x" if not sample["valid"][i] else "s" if sample["seen"][i]
-                else "?" if not sample["in_catalog"][i] else "d" if sample["duplicate"][i] else " ")
-        out.append(f"  {mark} {line[:100]}")
-    if len(lines) > n:
-        out.append(f"  ... {len(lines) - n} more lines")
-    return "\n".join(out)
-
-
 # ------------------------------------------------------------------------------------------------
 # One evaluation: generate, score, write
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +223,7 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
     common.write_jsonl(out / "samples.jsonl", samples)
     common.write_text(out / "per_rank.csv", csv_text(per_rank(scores, n)))
     common.write_json(out / "metrics.json", metrics)
-    print(show_sample(samples[0], n))
+    print(common.render_list(texts[0], rows[0], catalog, n))
     print(results_table(metrics))
     print(f"wrote {out}/metrics.json, {out}/per_rank.csv, {out}/samples.jsonl")
     return metrics

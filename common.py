@@ -255,6 +255,25 @@ def relevance(text: str, row: dict, catalog: Catalog) -> list[int]:
     return judge_lines(parse_completion(text), row_groundtruth(row), row["seen_titles"], catalog)["rel"]
 
 
+def render_list(text: str, row: dict, catalog: Catalog, n: int, rewards: Sequence[float] | None = None) -> str:
+    """One generated list as a person reads it: each line marked + hit, . in catalog (not a hit),
+    ? not in catalog, s seen, d repeat, x not a 'Title (Year)' line; lines past N marked 'over'.
+    With `rewards`, each rank's reward is shown too."""
+    lines = split_lines(text)
+    j = judge_lines(parse_completion(text)[:n], row_groundtruth(row), row["seen_titles"], catalog)
+    gt = "; ".join(f"{t} ({y})" for t, y in row_groundtruth(row))
+    out = [f"sample {row['id']} | ground truth: {gt} | + hit . catalog ? not in catalog s seen d repeat x invalid"]
+    for k, line in enumerate(lines):
+        if k >= n:
+            out.append(f"  {k + 1:2d} over {line[:76]}")
+            continue
+        mark = ("x" if not j["valid"][k] else "+" if j["rel"][k] else "s" if j["seen"][k]
+                else "d" if j["duplicate"][k] else "." if j["in_catalog"][k] else "?")
+        reward = f" r={rewards[k]:+.2f}" if rewards is not None else ""
+        out.append(f"  {k + 1:2d} {mark}{reward}  {line[:76]}")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Metrics (PAPER.md section 3)
 # ------------------------------------------------------------------------------------------------
@@ -602,6 +621,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     then pad == EOS, so masks must come from lengths, never from comparing ids with the pad id).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # our own tqdm bars are the ones a person should watch
     if name == "tiny":
         tok = build_tiny_tokenizer()
         model = build_tiny_model(len(tok))
@@ -622,6 +643,15 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
     return model.to(device=device, dtype=dtype), tok
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant
+    torch checkpointing). transformers 5.x renamed the switch; accept both names."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def eos_token_ids(tok, model=None) -> list[int]:
@@ -783,14 +813,19 @@ def autocast(device: torch.device, enabled: bool | None = None):
 
 
 class StepLog:
-    """One fixed-column line per optimizer step on stdout, and the same numbers in log.jsonl."""
+    """One fixed-column line per optimizer step on stdout, and the same numbers in log.jsonl.
 
-    def __init__(self, path: str | os.PathLike, total_steps: int, resume: bool = False):
+    A fresh run starts a new log; a run resumed at `resume_step` keeps the records up to that step
+    (later ones were written after the checkpoint and will be written again)."""
+
+    def __init__(self, path: str | os.PathLike, total_steps: int, resume_step: int | None = None):
         self.path = Path(path)
         self.total = total_steps
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            write_jsonl(self.path, [r for r in read_jsonl(self.path, skip_torn_tail=True) if r["step"] <= resume_step])
 
     def line(self, step: int, record: dict[str, float]) -> str:
         width = len(str(self.total))
@@ -806,6 +841,23 @@ class StepLog:
     def log(self, step: int, record: dict[str, float]) -> None:
         print(self.line(step, record), flush=True)
         append_jsonl(self.path, {"step": step, "time": time.time(), **record})
+
+
+def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str]) -> None:
+    """Before training into `out`: on --resume, refuse flags that would change the run's trajectory
+    (a resume must continue the same run); on a fresh start, remove an earlier run's checkpoint so a
+    later --resume cannot pick it up. Then record the config in run_config.json."""
+    now = dataclasses.asdict(cfg)
+    if resume:
+        saved = read_json(require(out / "run_config.json", "nothing to resume"))
+        diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in trajectory if saved.get(k) != now[k]]
+        if diff:
+            raise DataError(f"{out}/run_config.json: the checkpoint was made with {', '.join(diff)}; "
+                            "resume with the same flags")
+    elif (out / "checkpoint").exists():
+        shutil.rmtree(out / "checkpoint")
+        print(f"removed the checkpoint of an earlier run in {out}/")
+    write_json(out / "run_config.json", now)
 
 
 def rng_state() -> dict:

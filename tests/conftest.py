@@ -28,3 +28,10 @@ def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
     stage("01_catalog").main(["--data-dir", str(out), "--conversations", "60", "--n", "5"])
     return out
+
+
+# The models in tests are tiny: one thread is faster than two (no thread hand-off per op), and a
+# busy 2-core machine does not thrash.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

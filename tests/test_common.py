@@ -310,3 +310,41 @@ def test_save_model_keeps_other_files_in_the_run_dir(tiny, tmp_path):
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 1}\n'
     assert (tmp_path / "model.safetensors").exists()
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
+
+
+def test_render_list_marks_each_line():
+    row = {"id": "c#0", "seen_titles": ["Heat"], "groundtruth_with_release_year": [["Alien", "1979"]]}
+    text = "Alien (1979)\nHeat (1995)\nTitanic (1997)\nAlien (1979)\njunk\nRonin (1998)"
+    out = common.render_list(text, row, CAT, 5, rewards=[1, 0, 0, 0, 0]).split("\n")
+    assert "ground truth: Alien (1979)" in out[0]
+    assert [line.split()[1] for line in out[1:]] == ["+", "s", "?", "d", "x", "over"]
+    assert "r=+1.00" in out[1]
+
+
+def test_step_log_fixed_columns_and_resume_trims(tmp_path, capsys):
+    log = common.StepLog(tmp_path / "log.jsonl", 10)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": 1.0 / step, "lr": 5e-5})
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert lines[0].startswith("step 01/10 | loss    1.0000 | lr  5.00e-05")
+    assert len({len(line) for line in lines}) == 1  # fixed columns
+    common.StepLog(tmp_path / "log.jsonl", 10, resume_step=2)
+    assert [r["step"] for r in common.read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
+    common.StepLog(tmp_path / "log.jsonl", 10)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_start_run_refuses_a_resume_that_changes_the_trajectory(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        lr: float = 1e-5
+        steps: int = 10
+
+    (tmp_path / "checkpoint").mkdir()
+    common.start_run(tmp_path, C(), resume=False, trajectory=("lr",))
+    assert not (tmp_path / "checkpoint").exists()  # a fresh run drops an earlier run's checkpoint
+    common.start_run(tmp_path, C(steps=20), resume=True, trajectory=("lr",))  # steps may change
+    with pytest.raises(common.DataError, match="--lr 1e-05 \\(now 0.001\\)"):
+        common.start_run(tmp_path, C(lr=1e-3), resume=True, trajectory=("lr",))

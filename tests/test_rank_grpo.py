@@ -345,7 +345,7 @@ def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_
     assert all(r["grad_norm"] > 0 for r in steps)
     before, after = weights(sft_dir), weights(tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert "sample (" in capsys.readouterr().out
+    assert "| ground truth:" in capsys.readouterr().out
     assert json.loads((tmp_path / "run_config.json").read_text())["algo"] == algo
 
 

@@ -1,0 +1,310 @@
+"""Stage 03: supervised warm start (SFT) on the Remap-Reflect-Adjust demonstrations.
+
+Paper: Eq. 2 and the SFT recipe (PAPER.md section 6). Full fine-tuning with cross-entropy on the
+completion tokens only: the prompt is the condition, not a target. The model learns the output format
+(N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py starts from the result and also
+uses it as the frozen KL reference.
+
+  python 03_sft.py                                    # CPU demo: smollm2, 16 steps x 8 sequences
+  python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
+  python 03_sft.py --resume                           # continue from runs/sft/checkpoint, same flags
+
+The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; one GPU, bf16 autocast, fp32
+master weights; 1,500 steps x 384 sequences = 576,000 sequences, about 6 passes over the rows):
+
+  python 03_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --out runs/sft --steps 1500 \
+      --batch-size 384 --micro-batch-size 16 --lr 5e-5 --warmup-frac 0.05 --max-len 1024 \
+      --grad-checkpointing --eval-every 100 --val-limit 1024 --eval-gen 256 --save-every 100
+
+Reads <data-dir>/sft_train.jsonl, sft_val.jsonl (02) and, with --eval-gen, catalog.jsonl (01).
+Writes <out>/: the model and tokenizer (save_pretrained), run_config.json, log.jsonl, checkpoint/.
+
+Each optimizer step: --batch-size sequences; the loss is the sum of the completion tokens' negative
+log-likelihood divided by the number of completion tokens of the whole step, so the gradient does not
+depend on how the step is cut into micro-batches (--micro-batch-size, memory only).
+
+Deviations from the paper (which gives only lr, schedule, batch, max length and steps):
+  1. Training length is counted in optimizer steps (--steps). The data is reshuffled each epoch with
+     a seeded generator; a batch may span the end of one epoch and the start of the next.
+  2. A sequence longer than --max-len keeps its prompt (left-truncated to --max-prompt-tokens, so the
+     oldest turns go first) and loses the end of its completion, EOS included; the count is printed.
+  3. AdamW with betas (0.9, 0.999) and no weight decay; warm-up = 5% of the steps rounded down (a
+     short demo run has none rather than a wasted step at lr 0). The paper does not give these.
+  4. The CPU demo defaults (smollm2, 16 x 8 sequences, N = 10) are a miniature; fp32 on a CPU. --bf16
+     forces bf16 autocast on a CPU; on CPUs without bf16 instructions (no AVX-512-BF16, like the
+     2-core machine this was written on) it is emulated and much slower than fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+import common
+from common import arg
+
+
+@dataclass
+class Config:
+    data_dir: str = arg("data", "where sft_{train,val}.jsonl (02) and catalog.jsonl (01) are")
+    out: str = arg("runs/sft", "run directory: the model, run_config.json, log.jsonl, checkpoint/")
+    model: str = arg("smollm2", "start model: smollm2, tiny, an HF directory or a hub id")
+    trust_remote_code: bool = arg(False, "let transformers run code shipped with a hub model")
+    n: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote")
+    seed: int = arg(0, "seed of the data order (and of everything else random)")
+    cpu: bool = arg(False, "train on the CPU even when CUDA is available")
+    bf16: bool = arg(False, "bf16 autocast on a CPU too (CUDA always uses it); slow without bf16 hardware")
+    limit: int = arg(0, "use only the first LIMIT training rows (0: all)")
+    steps: int = arg(16, "optimizer steps (the paper: 1,500)")
+    batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)")
+    micro_batch_size: int = arg(4, "sequences per forward/backward pass; changes memory, not the math")
+    lr: float = arg(5e-5, "peak learning rate of AdamW (the paper: 5e-5)")
+    warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay to 0")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
+    max_len: int = arg(1024, "max tokens of prompt + completion; longer completions are cut")
+    max_prompt_tokens: int = arg(768, "keep the last this many prompt tokens (must be < --max-len)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more time")
+    eval_every: int = arg(8, "validation every this many steps, and at the last step (0: never)")
+    val_limit: int = arg(32, "validation rows for the validation loss")
+    eval_gen: int = arg(8, "greedy generation on this many validation conversations (0: off)")
+    eval_batch_size: int = arg(16, "sequences per batch in validation loss and generation")
+    max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT completion")
+    save_every: int = arg(8, "write <out>/checkpoint every this many steps (0: never)")
+    resume: bool = arg(False, "continue exactly from <out>/checkpoint (use the same flags)")
+
+
+# Settings that define the training trajectory: a resume with different values would not continue
+# the same run, so it is refused.
+TRAJECTORY = ("model", "seed", "limit", "steps", "batch_size", "lr", "warmup_frac", "weight_decay",
+              "max_grad_norm", "max_len", "max_prompt_tokens")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Examples: the prompt x and the demonstration y of Eq. 2, as token ids
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    prompt: list[int]  # chat template up to and including the assistant header
+    completion: list[int]  # the demonstration's tokens, then EOS: what the model must generate
+
+
+def encode_examples(tok, rows: list[dict], max_prompt_tokens: int, max_len: int) -> tuple[list[Example], int]:
+    """Token ids of each row's prompt and completion, and how many completions were cut at max_len.
+
+    The completion is tokenised on its own and followed by EOS: exactly the tokens the model will
+    later produce after the assistant header (04 samples them that way), so training and sampling
+    see the same token boundaries.
+    """
+    prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], max_prompt_tokens)
+    texts = [r["completion"][-1]["content"] for r in rows]
+    completions = tok(texts, add_special_tokens=False).input_ids
+    examples, n_cut = [], 0
+    for p, c in zip(prompts, completions):
+        c = list(c) + [tok.eos_token_id]
+        room = max_len - len(p)
+        n_cut += len(c) > room
+        examples.append(Example(p, c[:room]))
+    return examples, n_cut
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts followed by right-padded completions.
+
+    Returns ids [B, P+T], attention mask [B, P+T] and the completion mask [B, T] (1 on every
+    completion token, EOS included). Masks come from lengths: pad == EOS here, so comparing ids with
+    the pad id would drop the EOS the model must learn.
+    """
+    prompt_ids, prompt_attn = common.left_pad([e.prompt for e in examples], pad_id)  # [B, P]
+    T = max(len(e.completion) for e in examples)
+    comp_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # [B, T]
+    comp_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
+    for i, e in enumerate(examples):
+        comp_ids[i, :len(e.completion)] = torch.tensor(e.completion, dtype=torch.long)
+        comp_mask[i, :len(e.completion)] = 1
+    return torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_attn, comp_mask], 1), comp_mask
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The loss, Eq. 2: -sum_t log pi(y_t | x, y_<t) over the completion tokens only
+# ------------------------------------------------------------------------------------------------
+
+def completion_nll(logp_tok: torch.Tensor, comp_mask: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the completion tokens. logp_tok, comp_mask [B, T] -> scalar.
+
+    Prompt positions never enter (logp_tok holds completion positions only); padding is masked. The
+    caller divides by the number of completion tokens of the whole optimizer step.
+    """
+    return -torch.where(comp_mask.bool(), logp_tok, torch.zeros_like(logp_tok)).sum()
+
+
+def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad_id: int,
+                         amp: bool) -> tuple[torch.Tensor, int, int]:
+    """Backward over one optimizer step's batch, micro-batch by micro-batch.
+
+    Every micro-batch's summed NLL is divided by the completion tokens of the *whole* step (counted
+    before the first backward), so the accumulated gradient equals that of one big batch's token
+    mean. Returns (that token-mean loss, completion tokens, all real tokens).
+    """
+    device = next(model.parameters()).device
+    n_comp = sum(len(e.completion) for e in batch)  # the step's normaliser
+    n_all = sum(len(e.prompt) + len(e.completion) for e in batch)
+    batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.completion))  # similar lengths: less padding
+    total = torch.zeros((), device=device)
+    for s in range(0, len(batch), micro_batch_size):
+        ids, attn, mask = (t.to(device) for t in collate(batch[s:s + micro_batch_size], pad_id))
+        with common.autocast(device, amp):
+            logp_tok = common.completion_logprobs(model, ids, attn, mask.shape[1])  # [b, T], fp32
+        nll = completion_nll(logp_tok, mask)
+        (nll / n_comp).backward()
+        total += nll.detach()
+    return total / n_comp, n_comp, n_all
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Data order: a seeded shuffle per epoch; the position (epoch, pos) is all a resume needs
+# ------------------------------------------------------------------------------------------------
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_rows, generator=g).tolist()
+
+
+def next_batch(n_rows: int, batch_size: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:
+    """The next batch_size row indices from position (epoch, pos), and the position after them."""
+    out: list[int] = []
+    while len(out) < batch_size:
+        take = epoch_order(n_rows, seed, epoch)[pos:pos + batch_size - len(out)]
+        out += take
+        pos += len(take)
+        if pos == n_rows:
+            epoch, pos = epoch + 1, 0
+    return out, epoch, pos
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Validation: loss on held-out demonstrations; greedy lists scored like 05_eval.py
+# ------------------------------------------------------------------------------------------------
+
+def generation_metrics(texts: list[str], rows: list[dict], catalog: common.Catalog, n: int) -> dict:
+    """Recall@k / NDCG@k (filtered protocol, k = min(10, N)), in-catalog and valid-format rates of
+    greedy lists (one per conversation, scored against each of its rows)."""
+    k = min(10, n)
+    _, s = common.score_texts(texts, rows, catalog, n, ks=(k,))
+    return {f"val_recall@{k}": s[f"recall@{k}_filtered"], f"val_ndcg@{k}": s[f"ndcg@{k}_filtered"],
+            "val_in_catalog": s["in_catalog_rate"], "val_valid": s["valid_rate"]}
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, amp: bool) -> float:
+    """Token-mean NLL of the validation completions (the same loss as training, no gradient)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n_tok = 0.0, 0
+    for s in tqdm(range(0, len(examples), batch_size), desc="val loss", leave=False):
+        ids, attn, mask = (t.to(device) for t in collate(examples[s:s + batch_size], pad_id))
+        with common.autocast(device, amp):
+            logp_tok = common.completion_logprobs(model, ids, attn, mask.shape[1])
+        total += completion_nll(logp_tok, mask).item()
+        n_tok += int(mask.sum())
+    model.train(was_training)
+    return total / n_tok
+
+
+def main(argv=None) -> None:
+    cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
+    data, out = Path(cfg.data_dir), Path(cfg.out)
+    if cfg.max_prompt_tokens >= cfg.max_len:
+        raise common.DataError(f"--max-prompt-tokens {cfg.max_prompt_tokens} leaves no room for a completion "
+                               f"in --max-len {cfg.max_len}")
+
+    # 1. Read the demonstrations (and the catalog, to score generated lists).
+    hint = "run 02_build_sft.py first"
+    train_rows = common.read_rows(data / "sft_train.jsonl", hint, need_completion=True)
+    val_rows = common.read_rows(data / "sft_val.jsonl", hint, need_completion=True)
+    if cfg.limit:
+        train_rows = train_rows[:cfg.limit]
+    catalog = common.Catalog.load(data / "catalog.jsonl") if cfg.eval_gen else None
+    cfg.n = common.data_n(data, cfg.n)
+    print(f"read {len(train_rows)} training and {len(val_rows)} validation rows from {data}")
+    common.start_run(out, cfg, cfg.resume, TRAJECTORY)
+
+    # 2. Device, model, tokens. Weights stay fp32 (the master copy); bf16 only inside autocast.
+    common.seed_everything(cfg.seed)
+    device = common.pick_device(cfg.cpu)
+    amp = device.type == "cuda" or cfg.bf16
+    model, tok = common.load_model(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.grad_checkpointing:
+        common.enable_activation_checkpointing(model)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    on_off = {True: "on", False: "off"}
+    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters | device {device} | weights fp32 | "
+          f"bf16 autocast {on_off[amp]} | gradient checkpointing {on_off[cfg.grad_checkpointing]}")
+    train, n_cut = encode_examples(tok, train_rows, cfg.max_prompt_tokens, cfg.max_len)
+    val, _ = encode_examples(tok, val_rows[:cfg.val_limit], cfg.max_prompt_tokens, cfg.max_len)
+    mean_len = sum(len(e.prompt) + len(e.completion) for e in train) / len(train)
+    print(f"training sequences: {mean_len:.0f} tokens on average"
+          + (f"; {n_cut} longer than --max-len {cfg.max_len}: their completions were cut (no EOS)" if n_cut else ""))
+    gen_rows = common.first_conversations(val_rows, cfg.eval_gen) if cfg.eval_gen else []
+    max_new = cfg.max_new_tokens or int(1.5 * max(len(e.completion) for e in train))
+
+    # 3. Optimizer and schedule: AdamW, linear warm-up then cosine decay (paper: 5% warm-up).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_frac * cfg.steps),
+                                                             cfg.steps)
+    state = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0}
+    if cfg.resume:
+        state = common.load_checkpoint(out / "checkpoint", model, optimizer, scheduler)
+        print(f"resumed from {out}/checkpoint at step {state['step']} (epoch {state['epoch']}, row {state['pos']})")
+    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=state["step"] if cfg.resume else None)
+    print(f"{cfg.steps} steps x {cfg.batch_size} sequences = {cfg.steps * cfg.batch_size / len(train):.2f} "
+          f"epochs of {len(train)} rows; writing {out}/")
+
+    # 4. Train: one optimizer step = accumulate over micro-batches, clip, step, zero_grad.
+    start = time.time() - state["elapsed"]
+    for step in range(state["step"] + 1, cfg.steps + 1):
+        t0 = time.time()
+        idx, state["epoch"], state["pos"] = next_batch(len(train), cfg.batch_size, cfg.seed,
+                                                       state["epoch"], state["pos"])
+        lr = scheduler.get_last_lr()[0]
+        loss, _, n_all = accumulate_gradients(model, [train[i] for i in idx], cfg.micro_batch_size,
+                                              tok.pad_token_id, amp)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"], state["elapsed"] = step, time.time() - start
+        log.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                       "tok/s": n_all / (time.time() - t0),
+                       "epoch": state["epoch"] + state["pos"] / len(train), "elapsed": state["elapsed"]})
+
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size, tok.pad_token_id, amp)}
+            if gen_rows:
+                texts = common.generate_for_rows(model, tok, gen_rows, max_new, batch_size=cfg.eval_batch_size,
+                                                 max_prompt_tokens=cfg.max_prompt_tokens, progress="val generate")
+                record.update(generation_metrics(texts, gen_rows, catalog, cfg.n))
+                print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n))
+            log.log(step, record)
+        if cfg.save_every and step % cfg.save_every == 0:
+            state["elapsed"] = time.time() - start
+            common.save_checkpoint(out / "checkpoint", model, tok, optimizer, scheduler, state)
+
+    # 5. The final model, where 04_rank_grpo.py and 05_eval.py load it from.
+    common.save_model(model, tok, out)
+    print(f"wrote {out}/ (model, tokenizer, run_config.json, log.jsonl"
+          + (", checkpoint/)" if (out / "checkpoint").exists() else ")"))
+
+
+if __name__ == "__main__":
+    common.run(main)
