@@ -146,15 +146,16 @@ def completion_nll(logp_tok: torch.Tensor, comp_mask: torch.Tensor) -> torch.Ten
 
 
 def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad_id: int,
-                         amp: bool) -> tuple[torch.Tensor, int, int]:
+                         amp: bool, n_comp: int | None = None) -> tuple[torch.Tensor, int, int]:
     """Backward over one optimizer step's batch, micro-batch by micro-batch.
 
-    Every micro-batch's summed NLL is divided by the completion tokens of the *whole* step (counted
-    before the first backward), so the accumulated gradient equals that of one big batch's token
-    mean. Returns (that token-mean loss, completion tokens, all real tokens).
+    Every micro-batch's summed NLL is divided by `n_comp`, the completion tokens of the *whole* step
+    (counted before the first backward; by default this batch's, with several processes all of
+    theirs), so the accumulated gradient equals that of one big batch's token mean.
+    Returns (summed NLL, completion tokens, all real tokens) of this batch.
     """
     device = next(model.parameters()).device
-    n_comp = sum(len(e.completion) for e in batch)  # the step's normaliser
+    n_comp = n_comp or sum(len(e.completion) for e in batch)  # the step's normaliser
     n_all = sum(len(e.prompt) + len(e.completion) for e in batch)
     batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.completion))  # similar lengths: less padding
     total = torch.zeros((), device=device)
@@ -165,7 +166,7 @@ def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad
         nll = completion_nll(logp_tok, mask)
         (nll / n_comp).backward()
         total += nll.detach()
-    return total / n_comp, n_comp, n_all
+    return total, sum(len(e.completion) for e in batch), n_all
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,12 +235,18 @@ def main(argv=None) -> None:
         train_rows = train_rows[:cfg.limit]
     catalog = common.Catalog.load(data / "catalog.jsonl") if cfg.eval_gen else None
     cfg.n = common.data_n(data, cfg.n)
-    print(f"read {len(train_rows)} training and {len(val_rows)} validation rows from {data}")
-    common.start_run(out, cfg, cfg.resume, TRAJECTORY)
+    # Several processes (torchrun): each takes every world-th sequence of a step; rank 0 logs and saves.
+    rank, world, device = common.setup_distributed(cfg.cpu)
+    main_process = rank == 0
+    if cfg.batch_size % world:
+        raise common.DataError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    if main_process:
+        print(f"read {len(train_rows)} training and {len(val_rows)} validation rows from {data}")
+        common.start_run(out, cfg, cfg.resume, TRAJECTORY)
+    common.barrier()
 
     # 2. Device, model, tokens. Weights stay fp32 (the master copy); bf16 only inside autocast.
     common.seed_everything(cfg.seed)
-    device = common.pick_device(cfg.cpu)
     amp = device.type == "cuda" or cfg.bf16
     model, tok = common.load_model(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
     if cfg.grad_checkpointing:
@@ -247,7 +254,7 @@ def main(argv=None) -> None:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     on_off = {True: "on", False: "off"}
-    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters | device {device} | weights fp32 | "
+    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters | device {device} x {world} | weights fp32 | "
           f"bf16 autocast {on_off[amp]} | gradient checkpointing {on_off[cfg.grad_checkpointing]}")
     train, n_cut = encode_examples(tok, train_rows, cfg.max_prompt_tokens, cfg.max_len)
     val, _ = encode_examples(tok, val_rows[:cfg.val_limit], cfg.max_prompt_tokens, cfg.max_len)
@@ -266,7 +273,8 @@ def main(argv=None) -> None:
     if cfg.resume:
         state = common.load_checkpoint(out / "checkpoint", model, optimizer, scheduler)
         print(f"resumed from {out}/checkpoint at step {state['step']} (epoch {state['epoch']}, row {state['pos']})")
-    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=state["step"] if cfg.resume else None)
+    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=state["step"] if cfg.resume else None) \
+        if main_process else None
     print(f"{cfg.steps} steps x {cfg.batch_size} sequences = {cfg.steps * cfg.batch_size / len(train):.2f} "
           f"epochs of {len(train)} rows; writing {out}/")
 
@@ -277,18 +285,22 @@ def main(argv=None) -> None:
         idx, state["epoch"], state["pos"] = next_batch(len(train), cfg.batch_size, cfg.seed,
                                                        state["epoch"], state["pos"])
         lr = scheduler.get_last_lr()[0]
-        loss, _, n_all = accumulate_gradients(model, [train[i] for i in idx], cfg.micro_batch_size,
-                                              tok.pad_token_id, amp)
+        n_comp = sum(len(train[i].completion) for i in idx)  # every process knows the whole batch
+        nll, _, n_all = accumulate_gradients(model, [train[i] for i in idx[rank::world]], cfg.micro_batch_size,
+                                             tok.pad_token_id, amp, n_comp)
+        common.all_reduce_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"], state["elapsed"] = step, time.time() - start
-        log.log(step, {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                       "tok/s": n_all / (time.time() - t0),
-                       "epoch": state["epoch"] + state["pos"] / len(train), "elapsed": state["elapsed"]})
+        nll, n_all = common.all_sum([nll.item(), n_all], device)
+        if main_process:
+            log.log(step, {"loss": nll / n_comp, "lr": lr, "grad_norm": grad_norm.item(),
+                           "tok/s": n_all / (time.time() - t0),
+                           "epoch": state["epoch"] + state["pos"] / len(train), "elapsed": state["elapsed"]})
 
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if main_process and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size, tok.pad_token_id, amp)}
             if gen_rows:
                 texts = common.generate_for_rows(model, tok, gen_rows, max_new, batch_size=cfg.eval_batch_size,
@@ -299,11 +311,14 @@ def main(argv=None) -> None:
         if cfg.save_every and step % cfg.save_every == 0:
             state["elapsed"] = time.time() - start
             common.save_checkpoint(out / "checkpoint", model, tok, optimizer, scheduler, state)
+        common.barrier()
 
     # 5. The final model, where 04_rank_grpo.py and 05_eval.py load it from.
-    common.save_model(model, tok, out)
-    print(f"wrote {out}/ (model, tokenizer, run_config.json, log.jsonl"
-          + (", checkpoint/)" if (out / "checkpoint").exists() else ")"))
+    if main_process:
+        common.save_model(model, tok, out)
+        print(f"wrote {out}/ (model, tokenizer, run_config.json, log.jsonl"
+              + (", checkpoint/)" if (out / "checkpoint").exists() else ")"))
+    common.barrier()
 
 
 if __name__ == "__main__":

@@ -95,6 +95,10 @@ class Config:
     grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory)")
     seed: int = arg(0, "seed for prompt order and sampling")
     cpu: bool = arg(False, "use the CPU even when CUDA is present")
+    compile: bool = arg(False, "sampling with a static KV cache; on CUDA generate() then compiles the decoding step")
+    benchmark: str = arg("", "time full steps on a random model of this architecture (qwen2.5-0.5b, smollm2-135m, tiny)")
+    benchmark_steps: int = arg(3, "timed benchmark steps (after one warm-up step)")
+    benchmark_prompt_tokens: int = arg(384, "prompt length in the benchmark")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,23 +268,31 @@ class Rollouts:
 
 
 @torch.no_grad()
-def sample_rollouts(model, tok, rows: list[dict], cfg: Config, n: int, eos_ids: list[int]) -> Rollouts:
-    """G samples per row from the current policy (= pi_old), in generate() calls of gen_batch_size."""
+def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict], cfg: Config, eos_ids: list[int],
+                    min_new_tokens: int = 0) -> Rollouts:
+    """G samples per prompt from the current policy (= pi_old), in generate() calls of gen_batch_size.
+    With --compile the KV cache is static and prompts are padded to a multiple of 128 tokens, so the
+    compiled decoding step (CUDA graphs) is reused across calls instead of recompiled per shape."""
     device = next(model.parameters()).device
-    prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
     prompt_ids = [p for p in prompts for _ in range(cfg.group_size)]
     out = Rollouts(prompt_ids, [], [], [], [r for r in rows for _ in range(cfg.group_size)])
+    extra = {"cache_implementation": "static"} if cfg.compile else {}
     model.eval()
     for s in range(0, len(prompt_ids), cfg.gen_batch_size):
         ids, attn = common.left_pad(prompt_ids[s:s + cfg.gen_batch_size], tok.pad_token_id)
+        if cfg.compile:
+            more = -ids.shape[1] % 128
+            ids = torch.nn.functional.pad(ids, (more, 0), value=tok.pad_token_id)
+            attn = torch.nn.functional.pad(attn, (more, 0), value=0)
         with common.autocast(device):
             seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
                                  temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                 eos_token_id=eos_ids, pad_token_id=tok.pad_token_id)
+                                 min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
+                                 pad_token_id=tok.pad_token_id, **extra)
         comp = seq[:, ids.shape[1]:].cpu()
         mask, has_eos = common.completion_mask(comp, eos_ids)
         for c, m, e in zip(comp, mask, has_eos):
-            kept = c[m].tolist()
+            kept = c[m.bool()].tolist()
             out.completion_ids.append(kept)
             out.has_eos.append(bool(e))
             out.texts.append(tok.decode(kept[:-1] if e else kept))
@@ -307,8 +319,114 @@ def micro_batch(ro: Rollouts, idx: list[int], pad_id: int, device) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Training
+# 5. One step: sample, reward, score, update
 # ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What every step needs, fixed for the run."""
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    tok: object
+    optimizer: torch.optim.Optimizer
+    catalog: common.Catalog
+    n: int
+    level: str
+    reward_kind: str
+    eps_low: float
+    eps_high: float
+    eos_ids: list[int]
+    nl_table: torch.Tensor
+    device: torch.device
+    world: int = 1
+
+
+def rl_step(run: Run, prompts: list[list[int]], rows: list[dict], cfg: Config,
+            min_new_tokens: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
+    """One batch of rollouts and mu policy updates on it. `prompts`/`rows` are this process's share
+    of the step's prompts (whole groups: the G samples of a prompt stay in one process). Returns the
+    step's record (summed over processes), the rollouts and their rewards."""
+    # 1. Sample G lists per prompt from pi_old (= the current policy).
+    t0 = time.time()
+    ro = sample_rollouts(run.policy, run.tok, prompts, rows, cfg, run.eos_ids, min_new_tokens)
+    t_sample = time.time() - t0
+    record, rewards = learn_from(run, ro, cfg)
+    timers = {"t_sample": t_sample, **{k: v for k, v in record.items() if k.startswith("t_")}}
+    return {**{k: v for k, v in record.items() if not k.startswith("t_")}, **timers}, ro, rewards
+
+
+def learn_from(run: Run, ro: Rollouts, cfg: Config) -> tuple[dict, torch.Tensor]:
+    """Rewards, advantages, log-probs and mu policy updates for sampled rollouts (steps 2-5)."""
+    n, device = run.n, run.device
+
+    # 2. Rewards per rank (Eq. 8/9) and advantages normalised per rank across the G samples.
+    t0 = time.time()
+    rel = rank_relevance(ro.texts, ro.rows, run.catalog, n)  # [B, N]
+    rewards = rank_rewards(rel, run.reward_kind)  # [B, N]
+    adv_rank = group_advantages(rewards, cfg.group_size)  # [B, N]
+    B = len(ro.texts)
+    chunks = [list(range(s, min(s + cfg.micro_batch_size, B))) for s in range(0, B, cfg.micro_batch_size)]
+    batches = [micro_batch(ro, idx, run.tok.pad_token_id, device) for idx in chunks]
+    for b, idx in zip(batches, chunks):
+        b["rank"] = segment_ranks(b["comp"], b["mask"], run.nl_table)  # [b, T]
+        b["adv"] = token_advantages(adv_rank[idx].to(device), b["rank"], b["eos_tok"], n, cfg.eps_u, cfg.eps_o)
+    # The normalisers of the whole step (every process), fixed before the first backward.
+    n_seqs = B * run.world
+    n_toks = int(common.all_sum([sum(len(c) for c in ro.completion_ids)], device)[0])
+    t_score = time.time() - t0
+
+    # 3. Old and reference log-probs, without gradients. On-policy (mu = 1) pi_old is the policy
+    # itself, so its log-probs are the detached ones of the update below (every ratio is exactly 1).
+    t0 = time.time()
+    with torch.no_grad():
+        for b in batches:
+            T = b["comp"].shape[1]
+            with common.autocast(device):
+                if cfg.mu > 1:
+                    b["logp_old"] = common.completion_logprobs(run.policy, b["ids"], b["attn"], T)
+                if run.ref is not None:
+                    b["logp_ref"] = common.completion_logprobs(run.ref, b["ids"], b["attn"], T)
+    t_ref = time.time() - t0
+
+    # 4. mu policy updates on this batch of rollouts, each with manual gradient accumulation and one
+    # all-reduce of the gradients over the processes.
+    t0 = time.time()
+    sums = {"clip_low": 0, "clip_high": 0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0}
+    for _ in range(cfg.mu):
+        for b in batches:
+            with common.autocast(device):
+                logp = common.completion_logprobs(run.policy, b["ids"], b["attn"], b["comp"].shape[1])
+            loss, st = rank_grpo_loss(
+                logp, b["logp_old"] if cfg.mu > 1 else logp.detach(), b.get("logp_ref"), b["adv"], b["rank"],
+                b["mask"], eps_low=run.eps_low, eps_high=run.eps_high, beta=cfg.beta, n_ranks=n, level=run.level,
+                aggregation=cfg.aggregation, n_seqs=n_seqs, n_toks=n_toks)
+            loss.backward()
+            for k in sums:
+                sums[k] += st[k]
+        common.all_reduce_grads(run.policy)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm).item()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    t_train = time.time() - t0
+
+    # 5. The step's record: sums over this process's samples, added up over the processes.
+    ndcg = [common.ndcg_at_k(r.tolist(), max(1, len(row["groundtruth_with_release_year"])), n)
+            for r, row in zip(rel, ro.rows)]
+    judged = [common.score_completion(t, r, run.catalog, n, ks=()) for t, r in zip(ro.texts, ro.rows)]
+    ranks_shown = [k for k in sorted({1, 5, 10, n}) if k <= n]
+    local = {"reward": rewards.mean(1).sum().item(),
+             **{f"reward@{k}": rewards[:, k - 1].sum().item() for k in ranks_shown},
+             "ndcg": sum(ndcg), "in_catalog": sum(j["in_catalog_rate"] for j in judged),
+             "valid": sum(j["valid_rate"] for j in judged), "items": sum(j["n_lines"] for j in judged)}
+    total = dict(zip(list(local) + list(sums), common.all_sum(list(local.values()) + list(sums.values()), device)))
+    tokens = max(1.0, total["tokens"])
+    record = {k: total[k] / n_seqs for k in local}
+    record.update({"kl": total["kl_sum"] / tokens, "clip_low": total["clip_low"] / tokens,
+                   "clip_high": total["clip_high"] / tokens, "ratio": total["ratio_sum"] / tokens,
+                   "grad_norm": grad_norm, "len": n_toks / n_seqs,
+                   "t_score": t_score, "t_ref": t_ref, "t_train": t_train})
+    return record, rewards
+
 
 def validate(model, tok, rows, catalog, n, cfg: Config) -> dict[str, float]:
     """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit val conversations."""
@@ -322,16 +440,30 @@ def validate(model, tok, rows, catalog, n, cfg: Config) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# 6. Training
+# ------------------------------------------------------------------------------------------------
+
+def make_run(cfg: Config, policy, ref, tok, catalog, n: int, device, world: int) -> Run:
+    level, reward_kind, eps_low, eps_high = ALGOS[cfg.algo]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    return Run(policy, ref, tok, optimizer, catalog, n, level, cfg.reward or reward_kind, cfg.eps_low or eps_low,
+               cfg.eps_high or eps_high, common.eos_token_ids(tok, policy),
+               newline_table(tok, policy.get_output_embeddings().weight.shape[0]), device, world)
+
+
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
-    level, reward_kind, eps_low, eps_high = ALGOS[cfg.algo]
-    reward_kind = cfg.reward or reward_kind
-    eps_low, eps_high = cfg.eps_low or eps_low, cfg.eps_high or eps_high
+    if cfg.benchmark:
+        return benchmark(cfg)
     n = common.data_n(cfg.data_dir, cfg.n)
     cfg.max_new_tokens = cfg.max_new_tokens or 16 * n + 16
-    out = Path(cfg.out)
-    common.seed_everything(cfg.seed)
-    device = common.pick_device(cfg.cpu)
+    rank, world, device = common.setup_distributed(cfg.cpu)
+    if cfg.prompts_per_step % world:
+        raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} processes")
+    common.seed_everything(cfg.seed + rank)  # each process samples its own completions
+    out, main_process = Path(cfg.out), rank == 0
 
     # 1. Data and models. The policy keeps fp32 master weights (bf16 autocast on CUDA: lr 1e-6 on
     # bf16 weights would round away); the frozen reference only needs bf16 on CUDA.
@@ -349,113 +481,156 @@ def main(argv=None) -> None:
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
-    eos_ids = common.eos_token_ids(tok, policy)
-    nl_table = newline_table(tok, policy.get_output_embeddings().weight.shape[0])
-    print(f"policy {cfg.model} on {device} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params), "
-          f"ref {cfg.ref_model or cfg.model if ref is not None else 'none'}; algo {cfg.algo}: {level}-level ratio, "
-          f"{reward_kind} reward, clip [{1 - eps_low:g}, {1 + eps_high:g}], N={n}, G={cfg.group_size}")
-    print(f"read {len(train)} train rows, {len(val)} val rows, {len(catalog)} catalog items")
+    run = make_run(cfg, policy, ref, tok, catalog, n, device, world)
+    if main_process:
+        print(f"policy {cfg.model} on {device} x {world} process(es), {sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M "
+              f"params; ref {cfg.ref_model or cfg.model if ref is not None else 'none'}; algo {cfg.algo}: {run.level}-level "
+              f"ratio, {run.reward_kind} reward, clip [{1 - run.eps_low:g}, {1 + run.eps_high:g}], N={n}, G={cfg.group_size}")
+        print(f"read {len(train)} train rows, {len(val)} val rows, {len(catalog)} catalog items")
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
     drop = cfg.lr_drop / cfg.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: drop if cfg.lr_drop_step and s >= cfg.lr_drop_step else 1.0)
-    order = torch.Generator().manual_seed(cfg.seed)
+        run.optimizer, lambda s: drop if cfg.lr_drop_step and s >= cfg.lr_drop_step else 1.0)
+    order = torch.Generator().manual_seed(cfg.seed)  # the same prompt order in every process
     perm, pos, start = torch.randperm(len(train), generator=order).tolist(), 0, 0
-    common.start_run(out, cfg, cfg.resume, TRAJECTORY)
+    if main_process:
+        common.start_run(out, cfg, cfg.resume, TRAJECTORY)
+    common.barrier()
     if cfg.resume:
-        state = common.load_checkpoint(out / "checkpoint", policy, optimizer, scheduler)
+        state = common.load_checkpoint(out / "checkpoint", policy, run.optimizer, scheduler)
         start, pos, perm = state["step"], state["pos"], state["perm"]
         order.set_state(state["order"])
-        print(f"resumed from {out}/checkpoint at step {start}")
-    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=start if cfg.resume else None)
-    if start == 0 and cfg.val_every:
+        if main_process:
+            print(f"resumed from {out}/checkpoint at step {start}")
+    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=start if cfg.resume else None) \
+        if main_process else None
+    if start == 0 and cfg.val_every and main_process:
         log.log(0, validate(policy, tok, val, catalog, n, cfg))
 
     for step in range(start + 1, cfg.steps + 1):
-        # 2. The prompts of this step: the next rows of a shuffled pass over train.
+        # 2. The prompts of this step: the next rows of a shuffled pass over train; this process takes
+        # every world-th of them.
         if pos + cfg.prompts_per_step > len(perm):
             perm, pos = torch.randperm(len(train), generator=order).tolist(), 0
-        rows = [train[i] for i in perm[pos:pos + cfg.prompts_per_step]]
+        rows = [train[i] for i in perm[pos:pos + cfg.prompts_per_step]][rank::world]
         pos += cfg.prompts_per_step
+        prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
 
-        # 3. Sample G lists per prompt from pi_old (= the current policy).
-        t0 = time.time()
-        ro = sample_rollouts(policy, tok, rows, cfg, n, eos_ids)
-        t_sample = time.time() - t0
-
-        # 4. Rewards per rank (Eq. 8/9) and advantages normalised per rank across the G samples.
-        t0 = time.time()
-        rel = rank_relevance(ro.texts, ro.rows, catalog, n)  # [B, N]
-        rewards = rank_rewards(rel, reward_kind)  # [B, N]
-        adv_rank = group_advantages(rewards, cfg.group_size)  # [B, N]
-        B = len(ro.texts)
-        chunks = [list(range(s, min(s + cfg.micro_batch_size, B))) for s in range(0, B, cfg.micro_batch_size)]
-        n_toks = sum(len(c) for c in ro.completion_ids)  # the step's normalisers, fixed before any backward
-        batches = [micro_batch(ro, idx, tok.pad_token_id, device) for idx in chunks]
-        for b, idx in zip(batches, chunks):
-            b["rank"] = segment_ranks(b["comp"], b["mask"], nl_table)
-            b["adv"] = token_advantages(adv_rank[idx].to(device), b["rank"], b["eos_tok"], n, cfg.eps_u, cfg.eps_o)
-
-        # 5. Old and reference log-probs, without gradients. On-policy (mu = 1) pi_old is the policy
-        # itself, so its log-probs are the detached ones of the update below (every ratio is 1).
-        with torch.no_grad():
-            for b in batches:
-                T = b["comp"].shape[1]
-                with common.autocast(device):
-                    if cfg.mu > 1:
-                        b["logp_old"] = common.completion_logprobs(policy, b["ids"], b["attn"], T)
-                    b["logp_ref"] = common.completion_logprobs(ref, b["ids"], b["attn"], T) if ref else None
-        t_score = time.time() - t0
-
-        # 6. mu policy updates on this batch of rollouts, each with manual gradient accumulation.
-        t0 = time.time()
-        sums = {"clip_low": 0, "clip_high": 0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0}
-        for _ in range(cfg.mu):
-            for b in batches:
-                with common.autocast(device):
-                    logp = common.completion_logprobs(policy, b["ids"], b["attn"], b["comp"].shape[1])
-                loss, st = rank_grpo_loss(
-                    logp, b["logp_old"] if cfg.mu > 1 else logp.detach(), b["logp_ref"], b["adv"], b["rank"],
-                    b["mask"], eps_low=eps_low, eps_high=eps_high, beta=cfg.beta, n_ranks=n, level=level,
-                    aggregation=cfg.aggregation, n_seqs=B, n_toks=n_toks)
-                loss.backward()
-                for k in sums:
-                    sums[k] += st[k]
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        # 3. Sample, reward, score and update (section 5 above).
         lr = scheduler.get_last_lr()[0]
+        record, ro, rewards = rl_step(run, prompts, rows, cfg)
         scheduler.step()
-        t_train = time.time() - t0
 
-        # 7. One line per step (same keys every step), a real sample now and then, validation.
-        tokens = max(1, sums["tokens"])
-        ndcg = [common.ndcg_at_k(r.tolist(), max(1, len(row["groundtruth_with_release_year"])), n)
-                for r, row in zip(rel, ro.rows)]
-        judged = [common.score_completion(t, r, catalog, n, ks=()) for t, r in zip(ro.texts, ro.rows)]
-        record = {"reward": rewards.mean().item()}
-        record.update({f"reward@{k}": rewards[:, k - 1].mean().item() for k in sorted({1, 5, 10, n}) if k <= n})
-        record.update({
-            "ndcg": sum(ndcg) / B, "in_catalog": sum(j["in_catalog_rate"] for j in judged) / B,
-            "valid": sum(j["valid_rate"] for j in judged) / B, "items": sum(j["n_lines"] for j in judged) / B,
-            "kl": sums["kl_sum"] / tokens, "clip_low": sums["clip_low"] / tokens,
-            "clip_high": sums["clip_high"] / tokens, "ratio": sums["ratio_sum"] / tokens,
-            "grad_norm": grad_norm, "lr": lr, "len": n_toks / B,
-            "t_sample": t_sample, "t_score": t_score, "t_train": t_train})
-        log.log(step, record)
-        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            log.log(step, validate(policy, tok, val, catalog, n, cfg))
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            print(common.render_list(ro.texts[0], ro.rows[0], catalog, n, rewards[0].tolist()))
+        # 4. One line per step (same keys every step), a real sample now and then, validation.
+        if main_process:
+            log.log(step, {**record, "lr": lr})
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                print(common.render_list(ro.texts[0], ro.rows[0], catalog, n, rewards[0].tolist()))
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                log.log(step, validate(policy, tok, val, catalog, n, cfg))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            common.save_checkpoint(out / "checkpoint", policy, tok, optimizer, scheduler,
+            common.save_checkpoint(out / "checkpoint", policy, tok, run.optimizer, scheduler,
                                    {"step": step, "pos": pos, "perm": perm, "order": order.get_state()})
+        common.barrier()
 
-    # 8. The final policy, loadable with from_pretrained / common.load_model.
-    common.save_model(policy, tok, out)
-    print(f"wrote {out}/ (model, run_config.json, log.jsonl, checkpoint/)")
+    # 5. The final policy, loadable with from_pretrained / common.load_model.
+    if main_process:
+        common.save_model(policy, tok, out)
+        print(f"wrote {out}/ (model, run_config.json, log.jsonl, checkpoint/)")
+    common.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Benchmark: a full step at a given scale, on a randomly initialised model of a real architecture
+# ------------------------------------------------------------------------------------------------
+
+ARCHS = {  # shapes of the released configs (weights are random: only speed and memory are measured)
+    "qwen2.5-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                         rope_theta=1e6, tie_word_embeddings=True)),
+    "smollm2-135m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                         rope_theta=1e5, tie_word_embeddings=True)),
+    "tiny": ("LlamaConfig", dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+class SyntheticTokenizer:
+    """Stands in for a tokenizer of any vocabulary size: token v reads 'w{v}', every 16th token is a
+    newline, so sampled lists have ranks. Enough for sampling, segmentation and rewards."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, 0, 1
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def decode(self, ids) -> str:
+        return "".join("\n" if v % 16 == 15 else f" w{v}" for v in ids)
+
+    def batch_decode(self, seqs) -> list[str]:
+        return [self.decode(s) for s in seqs]
+
+
+def benchmark(cfg: Config) -> None:
+    """Seconds per step split into sampling / scoring / old+ref log-probs / training, tokens per
+    second and peak memory, for --prompts-per-step x --group-size rollouts of exactly --max-new-tokens
+    tokens after prompts of --benchmark-prompt-tokens tokens."""
+    import resource
+    import transformers
+    rank, world, device = common.setup_distributed(cfg.cpu)
+    common.seed_everything(cfg.seed + rank)
+    cls_name, shape = ARCHS[cfg.benchmark]
+    config = getattr(transformers, cls_name)(**shape, max_position_embeddings=32768, bos_token_id=0, eos_token_id=1,
+                                             pad_token_id=0)
+    policy = transformers.AutoModelForCausalLM.from_config(config).to(device)
+    ref = None
+    if cfg.beta > 0:
+        ref = transformers.AutoModelForCausalLM.from_config(config).to(device, torch.bfloat16 if device.type == "cuda"
+                                                                          else torch.float32)
+        ref.load_state_dict(policy.state_dict())
+        ref.eval().requires_grad_(False)
+    if cfg.grad_checkpointing:
+        common.enable_activation_checkpointing(policy)
+    tok = SyntheticTokenizer(config.vocab_size)
+    policy.generation_config = transformers.GenerationConfig(pad_token_id=0, eos_token_id=1)
+    cfg.max_new_tokens = cfg.max_new_tokens or 300
+    catalog = common.Catalog([{"title": "Heat", "year": 1995}])
+    run = make_run(cfg, policy, ref, tok, catalog, cfg.n or common.N_ITEMS, device, world)
+    local_prompts = cfg.prompts_per_step // world
+    g = torch.Generator().manual_seed(cfg.seed + rank)
+    rows = [{"id": f"bench#{i}", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}
+            for i in range(local_prompts)]
+    print(f"benchmark {cfg.benchmark} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params) on {device} "
+          f"x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, {cfg.benchmark_prompt_tokens} prompt "
+          f"+ {cfg.max_new_tokens} new tokens, micro-batch {cfg.micro_batch_size}, compile {cfg.compile}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, compilation) and is not counted
+        prompts = torch.randint(2, config.vocab_size, (local_prompts, cfg.benchmark_prompt_tokens), generator=g).tolist()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.time()
+        record, _, _ = rl_step(run, prompts, rows, cfg, min_new_tokens=cfg.max_new_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        record["t_step"] = time.time() - t0
+        if step > 0:
+            times.append(record)
+        if rank == 0:
+            print(f"step {step} ({'warm-up' if step == 0 else 'timed'}): " + " | ".join(
+                f"{k} {record[k]:.2f}s" for k in ("t_step", "t_sample", "t_score", "t_ref", "t_train")))
+    if rank == 0:
+        mean = {k: sum(t[k] for t in times) / len(times) for k in ("t_step", "t_sample", "t_score", "t_ref", "t_train")}
+        new_tokens = cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens
+        peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = sampling {mean['t_sample']:.2f} + scoring "
+              f"{mean['t_score']:.2f} + old/ref log-probs {mean['t_ref']:.2f} + training {mean['t_train']:.2f}; "
+              f"{new_tokens / mean['t_sample']:.0f} sampled tokens/s, {new_tokens / mean['t_step']:.0f} tokens/s "
+              f"per step; peak memory {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU max RSS'})")
 
 
 if __name__ == "__main__":

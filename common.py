@@ -793,6 +793,56 @@ def save_model(model, tok, out_dir: str | os.PathLike) -> None:
 # 7. Runs: seeding, device, step logs, checkpoints
 # ------------------------------------------------------------------------------------------------
 
+def setup_distributed(cpu: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under `torchrun --nproc_per_node=K` (which sets WORLD_SIZE, RANK,
+    LOCAL_RANK) this joins the process group: NCCL between GPUs, gloo on CPUs. A plain `python` run
+    is rank 0 of 1 and touches nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(cpu)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all processes (the identity in a single process)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(model) -> None:
+    """Sum every gradient over the processes, once per optimizer step. Each process's loss is already
+    divided by the normaliser of the whole step (all processes), so the sum is the full-batch gradient.
+    (Done by hand rather than with DistributedDataParallel: with manual accumulation DDP would need
+    no_sync() on every micro-batch but the last, and our forward goes through completion_logprobs.)"""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+    for h in handles:
+        h.wait()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -877,29 +927,43 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, model, tok, optimizer, scheduler, state: dict) -> None:
     """Everything an exact resume needs, written atomically: weights (save_pretrained), optimizer,
-    scheduler, RNG states and the caller's `state` (step, data position, ...)."""
+    scheduler, the RNG states of every process and the caller's `state` (step, data position, ...).
+    Call it on every process: rank 0 writes, the others hand over their RNG states."""
+    rngs = [rng_state()]
+    if world_size() > 1:
+        import torch.distributed as dist
+        rngs = [None] * world_size()
+        dist.all_gather_object(rngs, rng_state())
+        if dist.get_rank() != 0:
+            dist.barrier()
+            return
     with atomic_path(ckpt_dir) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": rng_state(), "state": state}, tmp / "trainer_state.pt")
+                    "rng": rngs, "state": state}, tmp / "trainer_state.pt")
+    barrier()
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
-    """Restore what save_checkpoint wrote into existing objects; return the caller's `state`."""
+    """Restore what save_checkpoint wrote into existing objects (on every process, each taking its
+    own RNG state); return the caller's `state`."""
     from safetensors.torch import load_file
     ckpt = Path(require(ckpt_dir, "no checkpoint to resume from"))
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         weights.update(load_file(f))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+    if unexpected or [k for k in missing if "lm_head" not in k]:
         raise DataError(f"{ckpt}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
     blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    rngs = blob["rng"]
+    if len(rngs) != world_size():
+        raise DataError(f"{ckpt}: saved by {len(rngs)} process(es), resumed with {world_size()}")
+    import torch.distributed as dist
+    set_rng_state(rngs[dist.get_rank() if world_size() > 1 else 0])
     return blob["state"]

@@ -339,7 +339,7 @@ def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_
     steps = [r for r in log if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("reward@1", "ndcg", "in_catalog", "valid", "kl", "clip_low", "clip_high",
-                "ratio", "grad_norm", "lr", "len", "t_sample", "t_score", "t_train"):
+                "ratio", "grad_norm", "lr", "len", "t_sample", "t_score", "t_ref", "t_train"):
         assert key in steps[0]
     assert any("val_ndcg@1" in r for r in log) == (algo == "rank_grpo")
     assert all(r["grad_norm"] > 0 for r in steps)

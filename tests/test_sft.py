@@ -163,7 +163,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny):
     grads = {}
     for mbs in (8, 2):
         model = fresh_model(tok)
-        loss, n_comp, _ = sft.accumulate_gradients(model, exs, mbs, tok.pad_token_id, amp=False)
+        nll, n_comp, _ = sft.accumulate_gradients(model, exs, mbs, tok.pad_token_id, amp=False)
         grads[mbs] = [p.grad.clone() for p in model.parameters()]
         assert n_comp == sum(len(e.completion) for e in exs)
     for a, b in zip(grads[8], grads[2]):

@@ -1,0 +1,134 @@
+"""Several processes (torchrun, gloo on CPU): the same result as one process on the same data."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import common
+from conftest import ROOT, stage
+
+rg = stage("04_rank_grpo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sft_data(demo_data, tmp_path_factory):
+    """The demo world plus SFT rows: each row's ground truth, padded to N lines with catalog items."""
+    out = tmp_path_factory.mktemp("sftdata")
+    for f in demo_data.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    catalog = common.read_jsonl(demo_data / "catalog.jsonl")
+    for split in ("train", "val"):
+        rows = common.read_rows(demo_data / f"{split}.jsonl", "")[:12]
+        for r in rows:
+            items = [(t, int(y)) for t, y in r["groundtruth_with_release_year"]]
+            items += [(c["title"], c["year"]) for c in catalog[:5 - len(items)]]
+            r["completion"] = [{"role": "assistant", "content": common.format_items(items)}]
+        common.write_jsonl(out / f"sft_{split}.jsonl", rows)
+    return out
+
+
+def torchrun(script, *args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def weights(d):
+    return common.load_model(str(d))[0].state_dict()
+
+
+def test_sft_two_processes_equal_one(sft_data, tmp_path):
+    args = ["--model", "tiny", "--data-dir", str(sft_data), "--steps", "3", "--batch-size", "4",
+            "--micro-batch-size", "1", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0", "--cpu"]
+    one = subprocess.run([sys.executable, str(ROOT / "03_sft.py"), *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("03_sft.py", *args, "--out", str(tmp_path / "two"))
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    start = common.load_model("tiny")[0].state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    log_one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    log_two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_two] == [1, 2, 3]  # only rank 0 logs
+    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-5)
+    assert "x 2" in two.stdout
+
+
+def _learn(rank, world, port, ro_path, out_path):
+    """One process of the 04 equivalence test: learn from its share of fixed rollouts."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    common.setup_distributed(cpu=True)
+    ro, catalog, cfg = torch.load(ro_path, weights_only=False)  # written by this test, not user input
+    model, tok = common.load_model("tiny")
+    ref, _ = common.load_model("tiny")
+    run = rg.make_run(cfg, model, ref, tok, catalog, 2, torch.device("cpu"), world)
+    per = len(ro.texts) // world
+    share = rg.Rollouts(*(getattr(ro, f)[rank * per:(rank + 1) * per] for f in
+                          ("prompt_ids", "completion_ids", "has_eos", "texts", "rows")))
+    record, _ = rg.learn_from(run, share, cfg)
+    if rank == 0:
+        torch.save({"weights": model.state_dict(), "record": record}, out_path)
+    common.barrier()
+
+
+@pytest.mark.parametrize("algo", ["rank_grpo", "grpo"])
+def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
+    """Whole groups per process, normalisers of the whole step, gradients summed: the update of two
+    processes on halves of a batch equals one process's update on all of it."""
+    model, tok = common.load_model("tiny")
+    cfg = rg.Config(group_size=3, max_new_tokens=20, micro_batch_size=2, lr=1e-3, algo=algo, mu=2)
+    catalog = common.Catalog([{"title": "Heat", "year": 1995}, {"title": "Alien", "year": 1979}])
+    rows = [{"id": f"c{i}#0", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}
+            for i in range(2)]
+    torch.manual_seed(0)
+    ro = rg.sample_rollouts(model, tok, [tok.encode("Heat (1995)\n"), tok.encode("Alien\n")], rows, cfg,
+                            [tok.eos_token_id])
+    ro.texts[0], ro.texts[4] = "Heat (1995)\nAlien (1979)", "x\nHeat (1995)"  # some rewards to learn from
+    ro_path = tmp_path / "ro.pt"
+    torch.save((ro, catalog, cfg), ro_path)
+    port = free_port()
+    mp.spawn(_learn, args=(1, port, ro_path, tmp_path / "one.pt"), nprocs=1)
+    mp.spawn(_learn, args=(2, free_port(), ro_path, tmp_path / "two.pt"), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    start = common.load_model("tiny")[0].state_dict()
+    assert any(not torch.equal(one["weights"][k], start[k]) for k in start)
+    for k in start:
+        assert torch.allclose(one["weights"][k], two["weights"][k], atol=1e-6), k
+    for key in ("reward", "kl", "ratio", "grad_norm", "clip_low", "clip_high", "len"):
+        assert two["record"][key] == pytest.approx(one["record"][key], rel=1e-5, abs=1e-8), key
+
+
+def test_rank_grpo_under_torchrun_logs_once_and_resumes(demo_data, tmp_path):
+    model, tok = common.load_model("tiny")
+    common.save_model(model, tok, tmp_path / "sft")
+    args = ["--data-dir", str(demo_data), "--model", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"),
+            "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12", "--val-every", "0",
+            "--save-every", "1", "--cpu"]
+    torchrun("04_rank_grpo.py", *args, "--steps", "2")
+    torchrun("04_rank_grpo.py", *args, "--steps", "3", "--resume")
+    steps = [json.loads(x)["step"] for x in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert (tmp_path / "rl" / "model.safetensors").exists()
+    # the checkpoint holds two processes' random states: one process cannot continue it exactly
+    res = subprocess.run([sys.executable, str(ROOT / "04_rank_grpo.py"), *args, "--steps", "4", "--resume"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "saved by 2 process(es), resumed with 1" in res.stderr
