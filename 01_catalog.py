@@ -45,7 +45,7 @@ class Config:
     conversations: int = arg(2000, "demo conversations; split in time order into train/val/test")
     val_frac: float = arg(0.1, "fraction of conversations (the latest but test) for validation")
     test_frac: float = arg(0.1, "fraction of conversations (the latest) for test")
-    n: int = arg(0, "N, the list length asked for in the prompt; 0: 10 for the CPU-sized demo world, "
+    n_items: int = arg(0, "N, the list length asked for in the prompt; 0: 10 for the CPU-sized demo world, "
                     "20 (the paper's) for imported data. Later stages read it from catalog_summary.json")
     from_dir: str = arg("", "import released-format data from this directory instead of the demo")
     catalog_pkl: str = arg("", "with --from-dir: catalog as a pickled list of (title, year) tuples")
@@ -199,7 +199,7 @@ def make_demo_world(cfg: Config) -> tuple[list[dict], dict[str, list[dict]], dic
         genres = rng.sample(genres_all, 1 if rng.random() < 0.6 else 2)
         decade = rng.choice(DECADES) if rng.random() < 0.25 else None
         weights = taste_weights(movies, pop, genres, decade)
-        if sum(w > 0 for w in weights) < 3 * cfg.n // 2:  # too narrow a taste: drop the decade
+        if sum(w > 0 for w in weights) < 3 * cfg.n_items // 2:  # too narrow a taste: drop the decade
             decade = None
             weights = taste_weights(movies, pop, genres, decade)
         seen = draw(rng, weights, rng.choice([1, 1, 2, 2, 3]), set())
@@ -210,7 +210,7 @@ def make_demo_world(cfg: Config) -> tuple[list[dict], dict[str, list[dict]], dic
         hidden[conv_id] = (weights, set(seen_all))
         for r in range(rng.choice([2, 3, 3, 4])):
             gt = draw(rng, weights, rng.choice([1, 2, 2, 3]), set(seen_all))
-            rows.append({"id": f"{conv_id}#{r}", "prompt": common.task_prompt(text, cfg.n),
+            rows.append({"id": f"{conv_id}#{r}", "prompt": common.task_prompt(text, cfg.n_items),
                          "seen_titles": [movies[i]["title"] for i in seen_all],
                          "groundtruth_with_release_year": [[movies[i]["title"], str(movies[i]["year"])] for i in gt]})
     splits = split_by_time(rows, cfg.val_frac, cfg.test_frac)
@@ -376,7 +376,7 @@ def oracle_lists(rows: list[dict], catalog: list[dict], hidden: dict, n: int) ->
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
-    cfg.n = cfg.n or (common.N_ITEMS if cfg.from_dir else DEMO_N)
+    cfg.n_items = cfg.n_items or (common.N_ITEMS if cfg.from_dir else DEMO_N)
     out = Path(cfg.data_dir)
     if cfg.from_dir:
         src = common.require(cfg.from_dir, "give a directory with train/val/test JSON or JSONL files")
@@ -388,24 +388,24 @@ def main(argv=None) -> None:
                    else catalog_from_groundtruth(splits))
         hidden = None
     else:
-        print(f"generating the demo world: seed {cfg.seed}, {cfg.conversations} conversations, N={cfg.n}")
+        print(f"generating the demo world: seed {cfg.seed}, {cfg.conversations} conversations, N={cfg.n_items}")
         catalog, splits, hidden = make_demo_world(cfg)
     count_popularity(catalog, splits["train"])
     cat = common.Catalog(catalog)
 
     # The summary: what the data looks like, and the yardsticks every later stage is compared to.
     test = [r for r in splits["test"] if r["groundtruth_with_release_year"]]
-    summary = {"catalog_items": len(catalog), "n": cfg.n}
+    summary = {"catalog_items": len(catalog), "n": cfg.n_items}
     for split, rows in splits.items():
         summary[split] = {"rows": len(rows), "conversations": len({common.conversation_id(r) for r in rows}),
                           "groundtruth_per_row": sum(len(r["groundtruth_with_release_year"]) for r in rows)
                           / max(1, len(rows))}
-    k = min(10, cfg.n)
-    yardsticks = {"popularity": score_lists(test, popularity_lists(test, catalog, cfg.n), cat, cfg.n)}
+    k = min(10, cfg.n_items)
+    yardsticks = {"popularity": score_lists(test, popularity_lists(test, catalog, cfg.n_items), cat, cfg.n_items)}
     if hidden is not None:
-        yardsticks["oracle"] = score_lists(test, oracle_lists(test, catalog, hidden, cfg.n), cat, cfg.n)
+        yardsticks["oracle"] = score_lists(test, oracle_lists(test, catalog, hidden, cfg.n_items), cat, cfg.n_items)
     summary["test_yardsticks"] = {name: {m: s[m] for m in (f"recall@{k}_filtered", f"ndcg@{k}_filtered",
-                                                          f"recall@{cfg.n}_filtered", f"ndcg@{cfg.n}_filtered")}
+                                                          f"recall@{cfg.n_items}_filtered", f"ndcg@{cfg.n_items}_filtered")}
                                   for name, s in yardsticks.items()}
     # Write only once everything is computed: a failure above leaves no partial data directory.
     common.write_jsonl(out / "catalog.jsonl", catalog)

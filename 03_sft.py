@@ -56,7 +56,7 @@ class Config:
     out: str = arg("runs/sft", "run directory: the model, run_config.json, log.jsonl, checkpoint/")
     model: str = arg("smollm2", "start model: smollm2, tiny, an HF directory or a hub id")
     trust_remote_code: bool = arg(False, "let transformers run code shipped with a hub model")
-    n: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote")
+    n_items: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote")
     seed: int = arg(0, "seed of the data order (and of everything else random)")
     cpu: bool = arg(False, "train on the CPU even when CUDA is available")
     bf16: bool = arg(False, "bf16 autocast on a CPU too (CUDA always uses it); slow without bf16 hardware")
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
     if cfg.limit:
         train_rows = train_rows[:cfg.limit]
     catalog = common.Catalog.load(data / "catalog.jsonl") if cfg.eval_gen else None
-    cfg.n = common.data_n(data, cfg.n)
+    cfg.n_items = common.data_n(data, cfg.n_items)
     # Several processes (torchrun): each takes every world-th sequence of a step; rank 0 logs and saves.
     rank, world, device = common.setup_distributed(cfg.cpu)
     main_process = rank == 0
@@ -305,8 +305,8 @@ def main(argv=None) -> None:
             if gen_rows:
                 texts = common.generate_for_rows(model, tok, gen_rows, max_new, batch_size=cfg.eval_batch_size,
                                                  max_prompt_tokens=cfg.max_prompt_tokens, progress="val generate")
-                record.update(generation_metrics(texts, gen_rows, catalog, cfg.n))
-                print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n))
+                record.update(generation_metrics(texts, gen_rows, catalog, cfg.n_items))
+                print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n_items))
             log.log(step, record)
         if cfg.save_every and step % cfg.save_every == 0:
             state["elapsed"] = time.time() - start

@@ -52,7 +52,7 @@ ALGOS = {
 
 
 # Settings that define the training trajectory: --resume refuses to change them.
-TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n", "prompts_per_step", "group_size", "mu",
+TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n_items", "prompts_per_step", "group_size", "mu",
               "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low", "eps_high", "seed")
 
 
@@ -65,7 +65,7 @@ class Config:
     algo: str = arg("rank_grpo", "rank_grpo | grpo (token ratio, DCG@N reward) | gspo (sequence ratio)")
     reward: str = arg("", "override the algo's reward: exp_inf (Eq. 9, Gamma->inf) | log (Eq. 8) | dcg")
     aggregation: str = arg("paper", "paper: Eq. 6 (token-mean inside a rank) | released: mean over tokens")
-    n: int = arg(0, "N, items per list; 0: from data/catalog_summary.json")
+    n_items: int = arg(0, "N, items per list; 0: from data/catalog_summary.json")
     steps: int = arg(24, "optimizer steps (x mu updates per batch of rollouts)")
     prompts_per_step: int = arg(2, "prompts per batch of rollouts (paper: 48)")
     group_size: int = arg(8, "G, samples per prompt (paper: 8)")
@@ -457,7 +457,7 @@ def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
     if cfg.benchmark:
         return benchmark(cfg)
-    n = common.data_n(cfg.data_dir, cfg.n)
+    n = common.data_n(cfg.data_dir, cfg.n_items)
     cfg.max_new_tokens = cfg.max_new_tokens or 16 * n + 16
     rank, world, device = common.setup_distributed(cfg.cpu)
     if cfg.prompts_per_step % world:
@@ -597,7 +597,7 @@ def benchmark(cfg: Config) -> None:
     policy.generation_config = transformers.GenerationConfig(pad_token_id=0, eos_token_id=1)
     cfg.max_new_tokens = cfg.max_new_tokens or 300
     catalog = common.Catalog([{"title": "Heat", "year": 1995}])
-    run = make_run(cfg, policy, ref, tok, catalog, cfg.n or common.N_ITEMS, device, world)
+    run = make_run(cfg, policy, ref, tok, catalog, cfg.n_items or common.N_ITEMS, device, world)
     local_prompts = cfg.prompts_per_step // world
     g = torch.Generator().manual_seed(cfg.seed + rank)
     rows = [{"id": f"bench#{i}", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}

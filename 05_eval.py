@@ -66,7 +66,7 @@ class Config:
     split: str = arg("test", "which split to evaluate: val or test")
     out: str = arg("runs/eval", "evaluations go to <out>/<name>/, comparisons to <out>/")
     runs_dir: str = arg("runs", "with no --models: where to look for sft, rank_grpo and grpo")
-    n: int = arg(0, "N, the list length scored; 0: what 01_catalog.py wrote the prompts with")
+    n_items: int = arg(0, "N, the list length scored; 0: what 01_catalog.py wrote the prompts with")
     limit: int = arg(0, "evaluate only the first K conversations of the split (file order); 0: all")
     batch_size: int = arg(16, "prompts per generation batch")
     max_new_tokens: int = arg(0, "generation cap in tokens; 0: 16 per line of the N asked for, plus 16")
@@ -400,7 +400,7 @@ def main(argv=None) -> None:
     catalog = common.Catalog.load(data / "catalog.jsonl")
     rows = common.first_conversations(common.read_rows(data / f"{cfg.split}.jsonl", "run 01_catalog.py first"),
                                       cfg.limit)
-    n = common.data_n(cfg.data_dir, cfg.n)
+    n = common.data_n(cfg.data_dir, cfg.n_items)
     print(f"read {data}/{cfg.split}.jsonl: {len(rows)} rows, {len({common.prompt_key(r['prompt']) for r in rows})} unique prompts, "
           f"N={n}; catalog {len(catalog)} items; models: {', '.join(names)}")
 

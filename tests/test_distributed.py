@@ -122,7 +122,7 @@ def test_rank_grpo_under_torchrun_logs_once_and_resumes(demo_data, tmp_path):
     common.save_model(model, tok, tmp_path / "sft")
     args = ["--data-dir", str(demo_data), "--model", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"),
             "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12", "--val-every", "0",
-            "--save-every", "1", "--cpu"]
+            "--save-every", "1", "--n-items", "1", "--cpu"]
     torchrun("04_rank_grpo.py", *args, "--steps", "2")
     torchrun("04_rank_grpo.py", *args, "--steps", "3", "--resume")
     steps = [json.loads(x)["step"] for x in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]

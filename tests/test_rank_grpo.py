@@ -324,7 +324,7 @@ def args(demo_data, sft_dir, out, *extra):
     return ["--data-dir", str(demo_data), "--model", str(sft_dir), "--out", str(out), "--steps", "2",
             "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "4", "--max-new-tokens", "20",
             "--val-limit", "2", "--val-every", "0", "--sample-every", "1", "--save-every", "1", "--lr", "1e-3",
-            "--n", "1", *extra]
+            "--n-items", "1", *extra]
 
 
 def weights(d):

@@ -1,0 +1,355 @@
+"""02_build_sft.py: the teacher (HTTP, retries, the key, the cache), Remap, Reflect, Adjust, smoke runs."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import stage
+from openai_stub_server import StubServer, model_reply
+
+sft = stage("02_build_sft")
+SENTINEL = "sk-test-SENTINEL-0c5e7a91"
+HEAT = [{"role": "user", "content": "Recommend three movies like Heat."}]
+
+
+@pytest.fixture(scope="session")
+def convrec_cache(tmp_path_factory):
+    """One embedding cache for the session: the demo catalog is embedded once, not once per test."""
+    return tmp_path_factory.mktemp("convrec_cache")
+
+
+@pytest.fixture
+def data(demo_data, tmp_path, convrec_cache, monkeypatch):
+    """A private copy of 01's outputs (60 demo conversations, N = 5)."""
+    monkeypatch.setenv("CONVREC_CACHE", str(convrec_cache))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path / "data"
+    out.mkdir()
+    for name in ("catalog.jsonl", "catalog_summary.json", "train.jsonl", "val.jsonl"):
+        shutil.copy(demo_data / name, out / name)
+    return out
+
+
+def run_args(data, *extra):
+    return ["--data-dir", str(data), "--teacher-model", "tiny", "--limit", "2", "--n-reflect", "6",
+            "--item-tokens", "4", *extra]
+
+
+# --- the teacher over HTTP ------------------------------------------------------------------------
+
+def test_chat_through_an_openai_compatible_server_equals_the_local_teacher(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+    prompts = [HEAT, [{"role": "user", "content": "Something scary from the 80s?"}]]
+    with StubServer(model_reply(*tiny)) as server:
+        cfg = sft.Config(teacher=server.url, teacher_model="tiny", workers=2)
+        remote = sft.Teacher("tiny", sft.remote_answers(cfg), tmp_path / "remote.jsonl")
+        got = remote.chat_many(prompts, max_tokens=12)
+        assert remote.chat(HEAT, max_tokens=12) == got[0]  # the single form, from the cache
+    local = sft.Teacher("tiny", sft.local_answers("tiny", torch.device("cpu"), batch_size=1), tmp_path / "local.jsonl")
+    assert got == local.chat_many(prompts, max_tokens=12)
+    assert len(server.requests) == 2
+    for req, messages in zip(sorted(server.requests, key=lambda r: r["body"]["messages"] != HEAT), prompts):
+        assert req["path"] == "/v1/chat/completions"
+        assert req["body"] == {"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0.0,
+                               "top_p": 1.0}
+        assert req["headers"]["Authorization"] == f"Bearer {SENTINEL}"
+
+
+def test_retries_honour_retry_after_then_back_off_exponentially():
+    script = [(429, {"Retry-After": "7"}), (500, {}), "drop"]
+    sleeps = []
+    with StubServer(lambda body: "Heat (1995)", script) as server:
+        reply = sft.post_chat(server.url, "m", HEAT, {"max_tokens": 5}, timeout=10, retries=3, backoff=0.01,
+                              sleep=sleeps.append)
+    assert reply == "Heat (1995)"
+    assert len(server.requests) == 4  # 429, 500, dropped connection, success
+    assert sleeps[0] == 7.0  # the server's Retry-After, as given
+    assert 0.02 <= sleeps[1] <= 0.03 and 0.04 <= sleeps[2] <= 0.06  # base * 2^attempt, jitter up to +50%
+
+
+def test_gives_up_after_the_retries_and_never_retries_a_client_error(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+    with StubServer(lambda body: "x", [(503, {})] * 3) as server:
+        with pytest.raises(sft.TeacherError, match="gave up after 3 attempts"):
+            sft.post_chat(server.url, "m", HEAT, {}, retries=2, backoff=0.001, sleep=lambda s: None)
+    assert len(server.requests) == 3
+    echo = (401, {}, f"Incorrect API key provided: {SENTINEL}")  # some servers echo the key back
+    with StubServer(lambda body: "x", [echo]) as server:
+        with pytest.raises(sft.TeacherError) as err:
+            sft.post_chat(server.url, "m", HEAT, {}, retries=5, sleep=lambda s: None)
+    assert len(server.requests) == 1
+    assert "401" in str(err.value) and "[redacted]" in str(err.value) and SENTINEL not in str(err.value)
+
+
+def test_when_one_request_fails_the_replies_that_arrive_are_still_cached(tmp_path):
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    with StubServer(lambda body: "ok " + body["messages"][0]["content"], [(400, {})]) as server:
+        cfg = sft.Config(teacher=server.url, teacher_model="m", workers=2, retries=0)
+        teacher = sft.Teacher("m", sft.remote_answers(cfg), tmp_path / "cache.jsonl")
+        with pytest.raises(sft.TeacherError, match="HTTP 400"):
+            teacher.chat_many(prompts, max_tokens=4)
+    answered = {r["body"]["messages"][0]["content"] for r in server.requests[1:]}
+    assert {r["reply"] for r in common.read_jsonl(tmp_path / "cache.jsonl")} == {"ok " + q for q in answered}
+
+
+def test_urls_and_retry_after_forms():
+    assert sft.chat_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert sft.chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert sft.chat_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+    assert sft.retry_after_seconds("3") == 3.0 and sft.retry_after_seconds(None) is None
+    assert sft.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert sft.retry_after_seconds("soon") is None
+
+
+def test_the_key_never_reaches_disk_or_output(tiny, data, convrec_cache, capfd, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+    with StubServer(model_reply(*tiny)) as server:
+        sft.main(run_args(data, "--teacher", server.url, "--workers", "2"))
+    assert server.requests and all(r["headers"]["Authorization"] == f"Bearer {SENTINEL}" for r in server.requests)
+    captured = capfd.readouterr()
+    assert SENTINEL not in captured.out + captured.err
+    written = [f for root in (data, convrec_cache) for f in root.rglob("*") if f.is_file()]
+    assert any(f.name == "teacher_cache.jsonl" for f in written)
+    for f in written:
+        assert SENTINEL.encode() not in f.read_bytes(), f
+
+
+# --- the reply cache ------------------------------------------------------------------------------
+
+def test_a_second_run_makes_no_request_and_writes_the_same_files(tiny, data):
+    with StubServer(model_reply(*tiny)) as server:
+        first = sft.main(run_args(data, "--teacher", server.url))
+        sft_train = (data / "sft_train.jsonl").read_bytes()
+        asked = len(server.requests)
+        second = sft.main(run_args(data, "--teacher", server.url))
+    assert asked == first["teacher_replies_requested"] == 8  # 2 + 2 conversations, a list and a rating each
+    assert len(server.requests) == asked and second["teacher_replies_requested"] == 0
+    assert (data / "sft_train.jsonl").read_bytes() == sft_train
+    assert second["steps"] == first["steps"]
+
+
+def scripted_backend(asked, fail_after=None):
+    """A backend that records what it is asked and dies (like a killed run) after `fail_after` replies."""
+    def answer(prompts, sampling):
+        for i, m in enumerate(prompts):
+            if fail_after is not None and len(asked) == fail_after:
+                raise KeyboardInterrupt("killed")
+            asked.append(m[0]["content"])
+            yield i, "reply to " + m[0]["content"]
+    return answer
+
+
+def test_a_killed_run_resumes_and_asks_only_for_the_missing_replies(tmp_path):
+    cache = tmp_path / "teacher_cache.jsonl"
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    asked = []
+    with pytest.raises(KeyboardInterrupt):
+        sft.Teacher("m", scripted_backend(asked, fail_after=2), cache).chat_many(prompts, max_tokens=8)
+    assert asked == ["q0", "q1"] and len(common.read_jsonl(cache)) == 2  # on disk before the crash
+    asked.clear()
+    resumed = sft.Teacher("m", scripted_backend(asked), cache)
+    assert resumed.chat_many(prompts, max_tokens=8) == [f"reply to q{i}" for i in range(5)]
+    assert asked == ["q2", "q3", "q4"]
+    resumed.chat_many(prompts[:1], max_tokens=9)  # other sampling parameters: another request
+    sft.Teacher("other-model", scripted_backend(asked), cache).chat(prompts[0], max_tokens=8)  # another model
+    assert asked == ["q2", "q3", "q4", "q0", "q0"]
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning_and_the_cache_stays_valid(tmp_path, capsys):
+    cache = tmp_path / "teacher_cache.jsonl"
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    asked = []
+    sft.Teacher("m", scripted_backend(asked), cache).chat_many(prompts[:2], max_tokens=8)
+    with open(cache, "a") as f:
+        f.write('{"key": "abc", "reply": "half a rep')  # a crash in the middle of a write
+    teacher = sft.Teacher("m", scripted_backend(asked), cache)
+    assert "incomplete last line" in capsys.readouterr().err and len(teacher.cache) == 2
+    teacher.chat_many(prompts, max_tokens=8)
+    assert asked == ["q0", "q1", "q2"]
+    assert [r["reply"] for r in common.read_jsonl(cache)] == ["reply to q0", "reply to q1", "reply to q2"]
+    with open(cache, "a") as f:
+        f.write('{"key": "k", "reply": "whole"}')  # whole JSON, only the newline lost: kept
+    sft.Teacher("m", scripted_backend(asked), cache).chat(prompts[0], max_tokens=99)
+    assert [r["reply"] for r in common.read_jsonl(cache)][-2:] == ["whole", "reply to q0"]
+
+
+# --- Remap (Eq. 10) -------------------------------------------------------------------------------
+
+def test_remap_on_a_hand_built_three_item_catalog():
+    catalog = common.Catalog([{"title": "A", "year": 2000}, {"title": "B", "year": 2001},
+                              {"title": "C", "year": 2002}])
+    e_cat = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    teacher_list = [("X", 1990), ("b", 2002)]  # X is not in the catalog; 'b (2002)' is B within 2 years
+    idx = [catalog.find(*it) for it in teacher_list]
+    assert idx == [None, 1]
+    e_items = np.array([[0.8, 0.6], e_cat[1]])
+    s_ctx = e_cat @ np.array([1.0, 0.0])  # the conversation's embedding is [1, 0]
+    s = sft.remap_scores(sft.rank_weights(2), e_items @ e_cat.T, sft.identity_links(idx, 3), s_ctx, lam=1.0)
+    # by hand: p = [1, 1/sqrt 2]; S = [[.8, .6, .96], [0, 1, .8]]; I = [[0, 0, 0], [0, 1, 0]]; s_ctx = [1, 0, .6]
+    r = 1 / math.sqrt(2)
+    np.testing.assert_allclose(s, [0.8 + 1.0, 0.6 + 2 * r + 0.0, 0.96 + 0.8 * r + 0.6])
+    assert sft.top_n(s, 3, np.zeros(3, bool)) == [2, 1, 0]
+    assert sft.top_n(s, 2, np.array([False, False, True])) == [1, 0]  # a seen item is never recommended
+    s_no_ctx = sft.remap_scores(sft.rank_weights(2), e_items @ e_cat.T, sft.identity_links(idx, 3), s_ctx, lam=0)
+    np.testing.assert_allclose(s - s_no_ctx, s_ctx)
+
+
+def test_no_remap_keeps_the_in_catalog_teacher_items_in_order_then_pads_by_context():
+    s = sft.raw_list_scores([2, None, 0, 2], np.array([0.1, 0.9, 0.3, 0.5]))
+    assert sft.top_n(s, 4, np.zeros(4, bool)) == [2, 0, 1, 3]
+
+
+def test_distinct_items_keeps_the_first_of_repeats_and_skips_junk():
+    reply = "Sure, here you go:\n1. Heat (1995)\nAlien (1979)\nheat (1995)\n\nAlien (1986)"
+    assert sft.distinct_items(reply) == [("Heat", 1995), ("Alien", 1979), ("Alien", 1986)]
+
+
+def test_conversation_text_strips_our_instruction_only():
+    assert sft.conversation_text(common.task_prompt("OP: any heist movies?", 7), 7) == "OP: any heist movies?"
+    foreign = [{"role": "user", "content": "Pretend you are a recommender. OP: heist movies?"}]
+    assert sft.conversation_text(foreign, 7) == foreign[0]["content"]
+
+
+def test_embedder_mean_pools_without_padding_and_caches_the_catalog(convrec_cache, monkeypatch):
+    monkeypatch.setenv("CONVREC_CACHE", str(convrec_cache))
+    emb = sft.Embedder("", torch.device("cpu"))
+    alone = emb.encode(["Heat (1995). Genres: crime, thriller."])
+    padded = emb.encode(["Heat (1995). Genres: crime, thriller.", "A much longer text " * 20])
+    np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, atol=1e-5)
+    texts = ["Heat (1995)", "Alien (1979)"]
+    first = sft.catalog_embeddings(emb, texts)
+    monkeypatch.setattr(emb, "encode", lambda *a, **k: pytest.fail("the cached embeddings were not used"))
+    np.testing.assert_array_equal(sft.catalog_embeddings(emb, texts), first)
+
+
+# --- Reflect (Eq. 11) -----------------------------------------------------------------------------
+
+CANDIDATES = [("Heat", 1995), ("Alien", 1979), ("Birdman or (The Unexpected Virtue of Ignorance)", 2014),
+              ("Up", 2009), ("Jaws", 1975)]
+
+
+def test_reflect_parses_a_messy_reply():
+    reply = ("Sure! Here are my ratings:\n"
+             "1. Heat (1995): 2\n"
+             "- **Alien (1979)** \u2014 -1\n"
+             "Birdman or (The Unexpected Virtue of Ignorance) (2014) => great\n"
+             "The Matrix (1999): 2\n"  # not a candidate: ignored
+             "UP (2010) - bad\n"  # case and a year off by one still find the candidate
+             "Heat (1995): -2\n"  # a second rating of Heat: the first counts
+             "Jaws (1975)")  # no rating: 0
+    np.testing.assert_array_equal(sft.parse_ratings(reply, CANDIDATES), [2, -1, 2, -2, 0])
+    np.testing.assert_array_equal(sft.parse_ratings("I cannot rate movies.", CANDIDATES), [0] * 5)
+
+
+@pytest.mark.parametrize("rest, rating", [
+    (": 2", 2), (" - 2", 2), (" -2", -2), (" \u2014 -1", -1), (" => 1", 1), (": +1", 1), ("=-2", -2),
+    (" | 0", 0), (": 2 (great)", 2), (" (good)", 1), (": not good", -1), (": Great!", 2), (": normal", 0),
+    (" bad", -2), (": 5", None), (": 1.5", None), ("", None), (": hmm", None),
+])
+def test_parse_rating(rest, rating):
+    assert sft.parse_rating(rest) == rating
+
+
+def test_reflect_adds_gamma_times_the_rating_to_the_candidates_only():
+    s = sft.reflect_scores(np.array([1.0, 2.0, 3.0, 4.0]), [3, 1], np.array([2.0, -1.0]), gamma=0.5)
+    np.testing.assert_allclose(s, [1.0, 1.5, 3.0, 5.0])
+
+
+# --- Adjust (Eq. 12-13) ---------------------------------------------------------------------------
+
+def test_adjust_loss_by_hand():
+    s = torch.tensor([[0.0, math.log(2), 0.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    ones, zeros = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    assert sft.adjust_loss(ones, zeros, s, y, 0.01).item() == pytest.approx(math.log(2))  # softmax = 1/4 1/2 1/4
+    # w = 2: softmax of [0, 2 ln 2, 0] = [1, 4, 1] / 6; the penalty is 0.01 * 3 * (2 - 1)^2
+    assert sft.adjust_loss(2 * ones, zeros, s, y, 0.01).item() == pytest.approx(-math.log(4 / 6) + 0.03)
+
+
+def popularity_world(seed=0, rows=40, items=8):
+    """Scores that know nothing, and ground truth that is mostly item 0 (a popular item)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, items, generator=g, dtype=torch.float64)
+    y = torch.zeros(rows, items, dtype=torch.float64)
+    for i in range(rows):
+        y[i, 0 if i % 4 else 1 + i % (items - 1)] = 1
+    return s, y
+
+
+def test_adjust_lowers_the_loss_and_learns_popularity():
+    s, y = popularity_world()
+    ones, zeros = torch.ones(s.shape[1], dtype=s.dtype), torch.zeros(s.shape[1], dtype=s.dtype)
+    w, b = sft.fit_adjust(s, y, reg=0.01)
+    assert sft.adjust_loss(w, b, s, y, 0.01) < 0.8 * sft.adjust_loss(ones, zeros, s, y, 0.01)
+    assert b[0] == b.max() and b[0] > 1  # the popular item is lifted
+    assert ((w * s + b).argmax(1) == 0).float().mean() > (s.argmax(1) == 0).float().mean()
+
+
+def test_adjust_with_strong_regularisation_keeps_w_near_one_and_b_near_zero():
+    s, y = popularity_world()
+    w, b = sft.fit_adjust(s, y, reg=1e4)
+    assert (w - 1).abs().max() < 1e-2 and b.abs().max() < 1e-2
+    w_weak, _ = sft.fit_adjust(s, y, reg=0.01)
+    assert (w_weak - 1).abs().max() > 10 * (w - 1).abs().max()
+
+
+# --- the whole script -----------------------------------------------------------------------------
+
+def check_demonstrations(data, split, n):
+    cat = common.Catalog.load(data / "catalog.jsonl")
+    rows = common.read_rows(data / f"sft_{split}.jsonl", "", need_completion=True)
+    source = {r["id"]: r for r in common.read_rows(data / f"{split}.jsonl", "")}
+    for r in rows:
+        assert {k: v for k, v in r.items() if k != "completion"} == source[r["id"]]
+        lines = r["completion"][0]["content"].split("\n")
+        items = [common.parse_line(line) for line in lines]
+        assert len(lines) == n and None not in items
+        assert all(cat.find(*it) is not None for it in items)
+        assert len({cat.find(*it) for it in items}) == n
+        seen = {common.norm_title(t) for t in r["seen_titles"]}
+        assert not seen & {common.norm_title(t) for t, _ in items}
+    return rows
+
+
+def test_smoke_run_with_the_tiny_model_as_local_teacher(data):
+    report = sft.main(run_args(data, "--limit", "3"))
+    n = common.data_n(data)
+    for split in ("train", "val"):
+        rows = check_demonstrations(data, split, n)
+        assert len({common.conversation_id(r) for r in rows}) == 3
+        assert list(report["steps"][split]) == ["raw", "remap", "reflect", "adjust"]
+    assert report["teacher_replies_requested"] == 12  # 6 lists, 6 ratings
+    assert report["adjust"]["loss_after"] < report["adjust"]["loss_before"]
+    assert json.loads((data / "sft_report.json").read_text())["steps"] == report["steps"]
+    ablated = sft.main(run_args(data, "--limit", "3", "--no-remap", "--no-reflect", "--no-adjust"))
+    assert ablated["teacher_replies_requested"] == 0  # the lists come from the cache
+    assert list(ablated["steps"]["val"]) == ["raw", "raw+pad"]
+    check_demonstrations(data, "val", n)
+
+
+def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, convrec_cache):
+    def reply(body):
+        if body["messages"][0]["content"].startswith("Describe the movie"):
+            return "Keywords: heist, crew\nPlot: A crew plans one last job."
+        return "Heat (1995)\nNot A Real Movie (2001)"  # one catalog item, one outside it
+    before = set(convrec_cache.rglob("*.npy"))
+    with StubServer(reply) as server:
+        report = sft.main(run_args(data, "--teacher", server.url, "--metadata", "--no-reflect"))
+    described = [r["body"]["messages"][0]["content"] for r in server.requests
+                 if r["body"]["messages"][0]["content"].startswith("Describe the movie")]
+    n_catalog = len(common.Catalog.load(data / "catalog.jsonl"))
+    assert len(described) == n_catalog + 1 and any("Not A Real Movie (2001)" in d for d in described)
+    assert report["teacher_replies_requested"] == 4 + n_catalog + 1  # 4 lists, then the descriptions
+    assert len(set(convrec_cache.rglob("*.npy")) - before) == 1  # new item texts: new catalog embeddings
+    check_demonstrations(data, "val", common.data_n(data))
+
+
+def test_adjust_needs_the_train_split(data):
+    with pytest.raises(common.DataError, match="train"):
+        sft.main(run_args(data, "--split", "val"))
