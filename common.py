@@ -84,6 +84,10 @@ def run(main: Callable[[], Any]) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group together, so
+        dist.barrier()                                  # no process exits while a peer still talks to it
+        dist.destroy_process_group()
 
 
 def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
@@ -294,7 +298,7 @@ def ndcg_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
 
 
 def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
-                     ks: Sequence[int] = KS) -> dict[str, Any]:
+                     ks: Sequence[int] | None = None) -> dict[str, Any]:
     """Everything we measure about one completion for one row.
 
     Two protocols (PAPER.md section 3):
@@ -302,6 +306,7 @@ def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
       filtered  the paper's: seen and out-of-catalog lines (invalid ones included) are removed first and
                 later items move up; then the first n are scored
     """
+    ks = cutoffs(n) if ks is None else ks  # default: the paper's k below N, and N
     items = parse_completion(text)
     j = judge_lines(items, row_groundtruth(row), row["seen_titles"], catalog)
     n_gt = len(row["groundtruth_with_release_year"])
@@ -344,7 +349,7 @@ def mean_and_se(values: Sequence[float], groups: Sequence[str] | None = None) ->
 
 
 def score_texts(texts: list[str], rows: list[dict], catalog: Catalog, n: int,
-                ks: Sequence[int] = KS) -> tuple[list[dict], dict[str, float]]:
+                ks: Sequence[int] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Score one completion per row; returns per-row scores and their summary."""
     scores = [score_completion(t, r, catalog, n, ks) for t, r in zip(texts, rows)]
     return scores, summarize(scores, rows)
