@@ -132,8 +132,8 @@ def load_movies(path: Path = MOVIES_FILE) -> list[dict]:
 
 
 def popularity(movies: list[dict], rng: random.Random) -> list[float]:
-    """How often people suggest each movie: fame squared times log-normal noise (seeded)."""
-    return [m["fame"] ** 2 * math.exp(rng.gauss(0.0, 0.5)) for m in movies]
+    """How often people suggest each movie: fame cubed times log-normal noise (seeded)."""
+    return [m["fame"] ** 3 * math.exp(rng.gauss(0.0, 0.5)) for m in movies]
 
 
 def taste_weights(movies: list[dict], pop: list[float], genres: list[str], decade) -> list[float]:
