@@ -33,6 +33,8 @@ Deviations from the paper (which gives only lr, schedule, batch, max length and 
   4. The CPU demo defaults (smollm2, 16 x 8 sequences, N = 10) are a miniature; fp32 on a CPU. --bf16
      forces bf16 autocast on a CPU; on CPUs without bf16 instructions (no AVX-512-BF16, like the
      2-core machine this was written on) it is emulated and much slower than fp32.
+  5. Rows of one conversation share their prompt and demonstration (they differ only in ground truth,
+     which SFT does not use), so each distinct (prompt, demonstration) pair is trained on once.
 """
 
 from __future__ import annotations
@@ -231,6 +233,9 @@ def main(argv=None) -> None:
     hint = "run 02_build_sft.py first"
     train_rows = common.read_rows(data / "sft_train.jsonl", hint, need_completion=True)
     val_rows = common.read_rows(data / "sft_val.jsonl", hint, need_completion=True)
+    # The rows of one conversation differ only in their ground truth, which SFT does not use: each
+    # distinct (prompt, demonstration) pair is one training example.
+    train_rows = list({common.prompt_key(r["prompt"] + r["completion"]): r for r in train_rows}.values())
     if cfg.limit:
         train_rows = train_rows[:cfg.limit]
     catalog = common.Catalog.load(data / "catalog.jsonl") if cfg.eval_gen else None
@@ -241,7 +246,7 @@ def main(argv=None) -> None:
     if cfg.batch_size % world:
         raise common.DataError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     if main_process:
-        print(f"read {len(train_rows)} training and {len(val_rows)} validation rows from {data}")
+        print(f"read {len(train_rows)} distinct training examples and {len(val_rows)} validation rows from {data}")
         common.start_run(out, cfg, cfg.resume, TRAJECTORY)
     common.barrier()
 

@@ -163,10 +163,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def token_advantages(adv_rank: torch.Tensor, rank_of_tok: torch.Tensor, eos_tok: torch.Tensor,
                      n: int, eps_u: float, eps_o: float) -> torch.Tensor:
     """adv_tok [B, T]: each token carries its rank's advantage, except (App. C, not normalised)
-    - tokens of items beyond rank N get eps_o;
+    - tokens of items beyond rank N get eps_o, and so does the newline after item N when the list
+      goes on: it is the choice to write item N+1 instead of EOS, so it must carry the penalty (with
+      item N's advantage instead, nothing would ever teach the model to stop at N);
     - an EOS that ends the list before N items gets eps_u."""
     adv_tok = adv_rank.gather(1, rank_of_tok.clamp(0, n - 1))
-    adv_tok = torch.where(rank_of_tok >= n, torch.full_like(adv_tok, eps_o), adv_tok)
+    next_rank = torch.cat([rank_of_tok[:, 1:], torch.full_like(rank_of_tok[:, :1], -1)], dim=1)
+    overflow = (rank_of_tok >= n) | ((rank_of_tok == n - 1) & (next_rank >= n))
+    adv_tok = torch.where(overflow, torch.full_like(adv_tok, eps_o), adv_tok)
     premature = eos_tok & (rank_of_tok < n - 1)
     adv_tok = torch.where(premature, torch.full_like(adv_tok, eps_u), adv_tok)
     return torch.where(rank_of_tok >= 0, adv_tok, torch.zeros_like(adv_tok))

@@ -48,13 +48,23 @@ def test_segment_padding_is_minus_one():
 def test_overflow_and_premature_eos_advantages():
     n = 2
     adv_rank = torch.tensor([[0.5, -0.5]])
-    # three items (one overflow) ending with EOS
+    # three items (one overflow) ending with EOS: the newline after item N opens the overflow
     ids = torch.tensor([[0, 1, 5, 1, 0, EOS]])
     mask = torch.ones_like(ids)
     rank = rg.segment_ranks(ids, mask, NL)
     eos = ids == EOS
     adv = rg.token_advantages(adv_rank, rank, eos, n, eps_u=-0.1, eps_o=-0.2)
-    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.5, -0.2, -0.2])
+    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.2, -0.2, -0.2])
+    # exactly N items, then EOS: the EOS ends item N and carries its advantage, no penalty
+    ids = torch.tensor([[0, 1, 5, EOS]])
+    rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
+    adv = rg.token_advantages(adv_rank, rank, ids == EOS, n, eps_u=-0.1, eps_o=-0.2)
+    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.5])
+    # a "\n\n" token after item N also opens the overflow
+    ids = torch.tensor([[0, 1, 5, 2, 0]])
+    rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
+    adv = rg.token_advantages(adv_rank, rank, torch.zeros_like(ids, dtype=torch.bool), n, -0.1, -0.2)
+    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.2, -0.2])
     # one item, then EOS: premature (fewer than N); the EOS token alone gets eps_u
     ids = torch.tensor([[0, 5, EOS]])
     rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
