@@ -6,7 +6,7 @@ ranks (one item per line), reward each rank causally, normalise the rewards per 
 samples, and update the policy with a rank-level importance ratio: the geometric mean of the item's
 token ratios, clipped, so that the unit of action is one item of the list.
 
-  python 04_rank_grpo.py                                   # CPU demo, from runs/sft (~10 min)
+  python 04_rank_grpo.py                                   # CPU demo, from runs/sft (~12 min)
   python 04_rank_grpo.py --algo grpo --out runs/grpo       # the vanilla GRPO baseline, same budget
   python 04_rank_grpo.py --algo gspo --out runs/gspo       # GSPO (sequence-level ratio)
   python 04_rank_grpo.py --model runs/sft_qwen --prompts-per-step 48 --group-size 8 \
@@ -27,8 +27,10 @@ Deviations from the paper and the released code:
   3. Sampling uses the policy as is (temperature 1, top-p 1, no top-k, no repetition penalty): the
      checkpoint's generation defaults are dropped, because the importance ratio assumes samples from pi.
   4. The instruction-following penalties (eps_u, eps_o) apply to every --algo, so the baselines differ
-     from Rank-GRPO only in ratio level, reward and clip range.
-  5. CPU demo defaults (tiny batches, lr 1e-5, N = 10) replace the paper's 48 x 8 prompts, lr 1e-6, N = 20.
+     from Rank-GRPO only in ratio level, reward and clip range. The newline that opens item N+1 gets
+     eps_o with the overflow; the EOS that ends an overlong list leaves the loss (drop_late_eos).
+  5. CPU demo defaults (6 steps of 2 prompts x 8 samples, lr 5e-6, N = 10) replace the paper's 48 x 8
+     prompts per step, lr 1e-6, N = 20: at 16 rollouts per step and a handful of steps, 1e-6 moves nothing.
 """
 
 from __future__ import annotations
@@ -66,12 +68,12 @@ class Config:
     reward: str = arg("", "override the algo's reward: exp_inf (Eq. 9, Gamma->inf) | log (Eq. 8) | dcg")
     aggregation: str = arg("paper", "paper: Eq. 6 (token-mean inside a rank) | released: mean over tokens")
     n_items: int = arg(0, "N, items per list; 0: from data/catalog_summary.json")
-    steps: int = arg(24, "optimizer steps (x mu updates per batch of rollouts)")
+    steps: int = arg(6, "optimizer steps (x mu updates per batch of rollouts)")
     prompts_per_step: int = arg(2, "prompts per batch of rollouts (paper: 48)")
     group_size: int = arg(8, "G, samples per prompt (paper: 8)")
     mu: int = arg(1, "policy updates per batch of rollouts (1: on-policy, every ratio is 1)")
     micro_batch_size: int = arg(8, "sequences per forward/backward; gradients accumulate over the step")
-    lr: float = arg(1e-5, "learning rate, constant (paper: 1e-6 with 48 x 8 rollouts per step)")
+    lr: float = arg(5e-6, "learning rate, constant (paper: 1e-6 with 48 x 8 rollouts per step)")
     lr_drop_step: int = arg(0, "from this step on use --lr-drop (0: never; paper 1B/3B: epoch 2)")
     lr_drop: float = arg(1e-7, "learning rate after --lr-drop-step")
     adam_beta2: float = arg(0.99, "AdamW beta2 (paper: 0.99)")
@@ -87,10 +89,10 @@ class Config:
     max_new_tokens: int = arg(0, "completion cap; 0: 16 tokens per item + 16")
     max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
     gen_batch_size: int = arg(64, "sequences per generate() call")
-    val_every: int = arg(12, "greedy validation every this many steps (and before the first)")
-    val_limit: int = arg(40, "validation conversations")
-    sample_every: int = arg(6, "print one real sample every this many steps")
-    save_every: int = arg(12, "checkpoint every this many steps")
+    val_every: int = arg(6, "greedy validation every this many steps (and before the first)")
+    val_limit: int = arg(16, "validation conversations")
+    sample_every: int = arg(3, "print one real sample every this many steps")
+    save_every: int = arg(3, "checkpoint every this many steps")
     resume: bool = arg(False, "continue from <out>/checkpoint")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory)")
     seed: int = arg(0, "seed for prompt order and sampling")
@@ -174,6 +176,18 @@ def token_advantages(adv_rank: torch.Tensor, rank_of_tok: torch.Tensor, eos_tok:
     premature = eos_tok & (rank_of_tok < n - 1)
     adv_tok = torch.where(premature, torch.full_like(adv_tok, eps_u), adv_tok)
     return torch.where(rank_of_tok >= 0, adv_tok, torch.zeros_like(adv_tok))
+
+
+def drop_late_eos(rank_of_tok: torch.Tensor, mask: torch.Tensor, eos_tok: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take the EOS that ends a list of more than N items out of the loss (rank -1, mask 0).
+
+    Once the list has overflowed, stopping is the right move. Left in the overflow item it closes,
+    the EOS would share that item's penalty eps_o (and its ratio), so every overlong sample would
+    teach the model to stop *later*, and lists grow step after step. The choice that caused the
+    overflow, the newline after item N, keeps its penalty (token_advantages)."""
+    late = eos_tok & (rank_of_tok >= n)
+    return rank_of_tok.masked_fill(late, -1), mask.masked_fill(late, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,6 +387,7 @@ def learn_from(run: Run, ro: Rollouts, cfg: Config) -> tuple[dict, torch.Tensor]
     batches = [micro_batch(ro, idx, run.tok.pad_token_id, device) for idx in chunks]
     for b, idx in zip(batches, chunks):
         b["rank"] = segment_ranks(b["comp"], b["mask"], run.nl_table)  # [b, T]
+        b["rank"], b["mask"] = drop_late_eos(b["rank"], b["mask"], b["eos_tok"], n)
         b["adv"] = token_advantages(adv_rank[idx].to(device), b["rank"], b["eos_tok"], n, cfg.eps_u, cfg.eps_o)
     # The normalisers of the whole step (every process), fixed before the first backward.
     n_seqs = B * run.world

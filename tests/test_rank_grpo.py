@@ -77,6 +77,24 @@ def test_overflow_and_premature_eos_advantages():
     assert adv.tolist() == [[0.5, 0.5, 0.5]]
 
 
+def test_the_eos_that_ends_an_overlong_list_leaves_the_loss():
+    n = 2
+    ids = torch.tensor([[0, 1, 5, 1, 0, EOS], [0, 1, 5, EOS, 0, 0]])  # 3 items (overflow); exactly N
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    eos = (ids == EOS) & mask.bool()
+    rank, kept = rg.drop_late_eos(rg.segment_ranks(ids, mask, NL), mask, eos, n)
+    assert rank.tolist() == [[0, 0, 1, 1, 2, -1], [0, 0, 1, 1, -1, -1]]
+    assert kept.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
+    adv = rg.token_advantages(torch.tensor([[0.5, -0.5], [0.5, -0.5]]), rank, eos, n, eps_u=-0.1, eps_o=-0.2)
+    logp = torch.full((2, 6), -1.0, requires_grad=True)
+    loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, rank, kept, eps_low=0.2, eps_high=0.2,
+                                beta=0.0, n_ranks=n)
+    loss.backward()
+    assert logp.grad[0, 5] == 0  # the late EOS: neither pushed down nor up
+    assert logp.grad[0, 3] > 0 and logp.grad[0, 4] > 0  # the overflow (and the newline opening it): down
+    assert logp.grad[1, 3] > 0  # an EOS after exactly N items keeps item N's (negative) advantage
+
+
 def test_segmentation_matches_text_split_with_a_real_tokenizer(tiny):
     model, tok = tiny
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
