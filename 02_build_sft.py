@@ -9,16 +9,17 @@ refined in three steps, and the top N of the final score is the demonstration:
   Adjust  (Eq. 12-13)  s_final   = w * s_reflect + b          per-item calibration on train ground truth
 
 Commands
-  python 01_catalog.py && python 02_build_sft.py       # CPU demo: local SmolLM2 teacher, ~4-5 minutes
+  python 01_catalog.py && python 02_build_sft.py       # CPU demo: local SmolLM2 teacher, ~5 minutes
   python 02_build_sft.py --teacher-model tiny --limit 4 # a smoke run in seconds (random tiny model)
   # One GPU, a bigger local teacher, the paper's data sizes:
   python 02_build_sft.py --teacher-model Qwen/Qwen2.5-7B-Instruct --batch-size 64 --n-reflect 100 \\
-      --train-frac 0.25 --limit 0
+      --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 --extra-demos 0 --reg 0.01
   # The paper's setting: GPT-4o, LLM-written item metadata, N_r = 100, 25% of train + all of val.
   # The key is read from the environment only; it is never printed, logged, cached or hashed.
   export OPENAI_API_KEY=...
   python 02_build_sft.py --teacher https://api.openai.com --teacher-model gpt-4o --workers 16 \\
-      --metadata --n-reflect 100 --train-frac 0.25 --limit 0
+      --metadata --n-reflect 100 --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 --extra-demos 0 \\
+      --reg 0.01
   # Any OpenAI-compatible server works the same way (vLLM, llama.cpp, `transformers serve`):
   python 02_build_sft.py --teacher http://127.0.0.1:8000 --teacher-model Qwen/Qwen2.5-7B-Instruct
 
@@ -37,17 +38,21 @@ Deviations from the paper
      the instruction is the same for everyone and would only blur the similarity.
   4. Reflect's candidates leave out the titles the user has seen: they can never be recommended.
   5. Adjust sums the loss per conversation (rows of one conversation share s_reflect, so this is the
-     same loss) and is fit by full-batch L-BFGS on the train conversations processed in this run.
-  6. The demo's default teacher is SmolLM2-135M on a CPU, far weaker than GPT-4o.
+     same loss) and is fit by full-batch L-BFGS. Its L2 weight is chosen by 2-fold cross-validation
+     (--reg -1; the paper: 0.01), and it is fit also on the train conversations the teacher did not
+     answer (--adjust-extra -1; their score is lambda s_ctx): per-item w, b need far more ground
+     truth than a CPU teacher can produce lists for. --adjust-extra 0 --reg 0.01 is the paper's.
+  6. The demo's default teacher is SmolLM2-135M on a CPU, far weaker than GPT-4o, so the demo also
+     writes demonstrations for 256 of those other train conversations (--extra-demos; the paper: 0).
 
-What you should see (default demo run, 24 + 24 conversations, 2-core CPU shared with other jobs:
-4 min 21 s, 96 teacher replies): 6.7% of the teacher's lines are 'Title (Year)', 12% of those are in
-the catalog; Recall@10 on val raw 0.000 -> remap 0.113 -> reflect 0.113 -> adjust 0.069 (train:
-0.000 -> 0.090 -> 0.090 -> 0.377). SmolLM2 never writes a rating we can read, so Reflect changes
-nothing; Adjust, fit on 24 train conversations, memorises their ground truth (train up, val down
-from Remap). Its per-item w, b need data: on s_ctx scores alone (no teacher, 100 val conversations)
-val Recall@10 was 0.087 without Adjust and 0.057 / 0.083 / 0.122 / 0.145 with Adjust fit on
-20 / 100 / 200 / 400 train conversations.
+What you should see (default demo run on a 2-core CPU: 5 min 6 s, 160 teacher replies): 4.3% of
+the teacher's lines are 'Title (Year)', 8.7% of those in the catalog; no rating SmolLM2 writes can
+be read, so Reflect changes nothing. Adjust's L2 weight by cross-validation: 0.01. Recall@10 on the
+16 val conversations: raw 0.000 -> remap 0.100 -> reflect 0.100 -> adjust 0.240 (+- 0.044); on the
+64 train conversations 0.000 -> 0.107 -> 0.107 -> 0.220. sft_train.jsonl then holds 64 + 256
+conversations (923 rows). Without --adjust-extra, Adjust fit on a few dozen conversations memorises
+them: on s_ctx scores alone (100 val conversations) val Recall@10 was 0.087 without Adjust and
+0.057 / 0.083 / 0.122 / 0.145 with Adjust fit on 20 / 100 / 200 / 400 train conversations.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ from common import arg
 class Config:
     data_dir: str = arg("data", "reads catalog.jsonl and {train,val}.jsonl; writes sft_{split}.jsonl")
     split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on train)")
-    limit: int = arg(96, "train conversations, a seeded sample (0 = all)")
+    limit: int = arg(64, "train conversations, a seeded sample (0 = all)")
     val_limit: int = arg(16, "val conversations, a seeded sample (0 = all)")
     train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit (paper: 0.25)")
     n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from catalog_summary.json)")
@@ -100,7 +105,7 @@ class Config:
     adjust_extra: int = arg(-1, "Adjust also learns from this many train conversations the teacher did not "
                                 "answer (their score is lambda s_ctx: an empty list, no ratings); -1: all, "
                                 "0: none (the paper: only the answered ones)")
-    extra_demos: int = arg(0, "also write demonstrations for this many train conversations the teacher did not "
+    extra_demos: int = arg(256, "also write demonstrations for this many train conversations the teacher did not "
                               "answer: the top N of Adjust applied to lambda s_ctx; -1: all")
     reg: float = arg(-1.0, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13 (paper: 0.01); "
                            "< 0: chosen by 2-fold cross-validation on the train conversations")

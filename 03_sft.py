@@ -5,7 +5,7 @@ completion tokens only: the prompt is the condition, not a target. The model lea
 (N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py starts from the result and also
 uses it as the frozen KL reference.
 
-  python 03_sft.py                                    # CPU demo: smollm2, 16 steps x 8 sequences
+  python 03_sft.py                                    # CPU demo: smollm2, 24 steps x 8 sequences
   python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
   python 03_sft.py --resume                           # continue from runs/sft/checkpoint, same flags
 
@@ -28,10 +28,11 @@ Deviations from the paper (which gives only lr, schedule, batch, max length and 
      a seeded generator; a batch may span the end of one epoch and the start of the next.
   2. A sequence longer than --max-len keeps its prompt (left-truncated to --max-prompt-tokens, so the
      oldest turns go first) and loses the end of its completion, EOS included; the count is printed.
-  3. AdamW with betas (0.9, 0.999) and no weight decay; warm-up = 5% of the steps rounded down (a
-     short demo run has none rather than a wasted step at lr 0). The paper does not give these.
-  4. The CPU demo defaults (smollm2, 16 x 8 sequences, N = 10) are a miniature; fp32 on a CPU. --bf16
-     forces bf16 autocast on a CPU; on CPUs without bf16 instructions (no AVX-512-BF16, like the
+  3. AdamW with betas (0.9, 0.999) and no weight decay; warm-up = 5% of the steps rounded down, with
+     transformers' schedule (its first warm-up step has lr 0: one of the demo's 24 steps only
+     measures the loss). The paper does not give these.
+  4. The CPU demo defaults (smollm2, 24 x 8 sequences, lr 1e-4, N = 10) are a miniature; fp32 on a
+     CPU. --bf16 forces bf16 autocast on a CPU; on CPUs without bf16 instructions (no AVX-512-BF16, like the
      2-core machine this was written on) it is emulated and much slower than fp32.
   5. Rows of one conversation share their prompt and demonstration (they differ only in ground truth,
      which SFT does not use), so each distinct (prompt, demonstration) pair is trained on once.
@@ -63,22 +64,22 @@ class Config:
     cpu: bool = arg(False, "train on the CPU even when CUDA is available")
     bf16: bool = arg(False, "bf16 autocast on a CPU too (CUDA always uses it); slow without bf16 hardware")
     limit: int = arg(0, "use only the first LIMIT training rows (0: all)")
-    steps: int = arg(16, "optimizer steps (the paper: 1,500)")
+    steps: int = arg(24, "optimizer steps (the paper: 1,500)")
     batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)")
     micro_batch_size: int = arg(4, "sequences per forward/backward pass; changes memory, not the math")
-    lr: float = arg(5e-5, "peak learning rate of AdamW (the paper: 5e-5)")
+    lr: float = arg(1e-4, "peak learning rate of AdamW (the paper: 5e-5; the 24-step CPU demo needs more)")
     warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay to 0")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
     max_len: int = arg(1024, "max tokens of prompt + completion; longer completions are cut")
     max_prompt_tokens: int = arg(768, "keep the last this many prompt tokens (must be < --max-len)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more time")
-    eval_every: int = arg(8, "validation every this many steps, and at the last step (0: never)")
-    val_limit: int = arg(32, "validation rows for the validation loss")
+    eval_every: int = arg(24, "validation every this many steps, and at the last step (0: never)")
+    val_limit: int = arg(16, "validation rows for the validation loss")
     eval_gen: int = arg(8, "greedy generation on this many validation conversations (0: off)")
     eval_batch_size: int = arg(16, "sequences per batch in validation loss and generation")
     max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT completion")
-    save_every: int = arg(8, "write <out>/checkpoint every this many steps (0: never)")
+    save_every: int = arg(12, "write <out>/checkpoint every this many steps (0: never)")
     resume: bool = arg(False, "continue exactly from <out>/checkpoint (use the same flags)")
 
 

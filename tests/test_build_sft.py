@@ -37,7 +37,7 @@ def data(demo_data, tmp_path, convrec_cache, monkeypatch):
 
 def run_args(data, *extra):
     return ["--data-dir", str(data), "--teacher-model", "tiny", "--limit", "2", "--val-limit", "2",
-            "--n-reflect", "6", "--item-tokens", "4", *extra]
+            "--n-reflect", "6", "--item-tokens", "4", "--extra-demos", "0", *extra]
 
 
 # --- the teacher over HTTP ------------------------------------------------------------------------
