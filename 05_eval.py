@@ -8,7 +8,9 @@ of several evaluations: a Markdown table and PNG plots (metrics against k, hit r
 training curves of runs that have a log.jsonl).
 
   python 05_eval.py                              # smollm2 (zero-shot) + whichever of runs/sft,
-                                                 # runs/rank_grpo, runs/grpo exist; then compare
+                                                 # runs/rank_grpo, runs/grpo exist, on the first
+                                                 # 120 test conversations (CPU demo); then compare
+  python 05_eval.py --limit 0                    # all test conversations
   python 05_eval.py --models smollm2 --limit 32  # a quick look at 32 test conversations
   python 05_eval.py --models runs/sft --split val
   python 05_eval.py --compare runs/eval/smollm2 runs/eval/sft runs/eval/rank_grpo
@@ -16,11 +18,12 @@ training curves of runs that have a log.jsonl).
 GPU, the paper's setting (Reddit-v2 imported by 01, N = 20 read from data/catalog_summary.json):
 
   python 05_eval.py --models Qwen/Qwen2.5-0.5B-Instruct runs/sft runs/grpo runs/rank_grpo \\
-      --batch-size 128
+      --batch-size 128 --limit 0
 
 Writes runs/eval/<name>/{metrics.json, per_rank.csv, samples.jsonl} per model (<name>: the model
-name or the run directory's name) and, when two or more are compared, runs/eval/compare.md,
-metrics_vs_k.png, hit_rate_per_rank.png and training_<name>.png.
+name or the run directory's name) and, when two or more are compared, runs/eval/compare.md (the
+table, and every model minus every earlier one, paired on the rows both scored), metrics_vs_k.png,
+hit_rate_per_rank.png and training_<name>.png.
 
 Deviations from the paper and the released code:
   1. IDCG@k is the textbook one, over min(k, |GT|) relevant items (PAPER.md section 3). The released
@@ -67,8 +70,8 @@ class Config:
     out: str = arg("runs/eval", "evaluations go to <out>/<name>/, comparisons to <out>/")
     runs_dir: str = arg("runs", "with no --models: where to look for sft, rank_grpo and grpo")
     n_items: int = arg(0, "N, the list length scored; 0: what 01_catalog.py wrote the prompts with")
-    limit: int = arg(0, "evaluate only the first K conversations of the split (file order); 0: all")
-    batch_size: int = arg(16, "prompts per generation batch")
+    limit: int = arg(120, "evaluate only the first K conversations of the split (file order); 0: all")
+    batch_size: int = arg(32, "prompts per generation batch")
     max_new_tokens: int = arg(0, "generation cap in tokens; 0: 16 per line of the N asked for, plus 16")
     max_prompt_tokens: int = arg(2048, "prompts are cut to their last this many tokens (the paper: 2048)")
     compare: list[str] = arg([], "only compare these evaluation directories (<out>/<name>), evaluate nothing")
@@ -261,6 +264,33 @@ def compare_table(evals: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def paired_table(evals: list[dict], samples: list[list[dict]]) -> str:
+    """Every model minus every earlier one, row by row on the rows both scored (filtered protocol):
+    the mean difference and its standard error clustered by conversation. Pairing removes the
+    spread between conversations, so it tells apart models that the per-model SEs cannot."""
+    ks = sorted({k for m in evals for k in m["ks"]})
+    per_row = []  # per model: row id -> {metric@k: value}
+    for rows in samples:
+        per_row.append({s["id"]: {f"{name}@{k}": fn(s["hits_filtered"], len(s["groundtruth"]), k)
+                                  for k in ks for name, fn in (("R", common.recall_at_k), ("N", common.ndcg_at_k))}
+                        for s in rows if s["groundtruth"]})
+    head = ["difference", "rows"] + [f"R@{k}" for k in ks] + [f"N@{k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in range(1, len(evals)):
+        for i in range(j):
+            ids = [r for r in per_row[j] if r in per_row[i]]
+            if not ids:
+                continue
+            groups = [common.conversation_id({"id": r}) for r in ids]
+            cells = [f"{evals[j]['model']} − {evals[i]['model']}", str(len(ids))]
+            for key in [f"R@{k}" for k in ks] + [f"N@{k}" for k in ks]:
+                mean, se = common.mean_and_se([per_row[j][r][key] - per_row[i][r][key] for r in ids], groups)
+                cells.append(f"{mean:+.4f} ± {se:.4f} ({mean / se:+.1f} SE)" if se > 0 else f"{mean:+.4f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + "\n\nPaired differences on the rows both models scored (filtered protocol), "
+            "standard error clustered by conversation.\n")
+
+
 def save_png(fig, path: Path) -> None:
     with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -361,7 +391,9 @@ def compare(eval_dirs: list[str], out: Path) -> None:
     evals, ranks = [m for m, _ in loaded], [r for _, r in loaded]
     if len({(m["split"], m["n"], m["rows"], m.get("data_dir")) for m in evals}) > 1:
         print("warning: these evaluations are not on the same rows (split, N, rows or data differ)")
-    table = compare_table(evals)
+    table = compare_table(evals) + "\n" + paired_table(
+        evals, [common.read_jsonl(common.require(Path(d) / "samples.jsonl", "run 05_eval.py --models ... first"))
+                for d in eval_dirs])
     common.write_text(out / "compare.md", table)
     print("\n" + table)
     plot_metrics_vs_k(evals, out / "metrics_vs_k.png")

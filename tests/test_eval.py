@@ -114,6 +114,22 @@ def test_compare_table_shows_mean_and_se():
     assert "| 0.778 | 0.889 |" in table
 
 
+def test_paired_differences_by_hand():
+    def sample(rid, hits, n_gt=1):
+        return {"id": rid, "hits_filtered": hits, "groundtruth": [["x", "2000"]] * n_gt}
+    a = [sample("c1#0", [0, 0]), sample("c1#1", [0, 0]), sample("c2#0", [0, 0]), sample("c3#0", [1, 0])]
+    b = [sample("c1#0", [1, 0]), sample("c1#1", [0, 1]), sample("c2#0", [0, 0]), sample("c3#0", [1, 0]),
+         sample("c9#0", [1, 1])]  # c9 only in b: not paired
+    evals = [{"model": "a", "ks": [2]}, {"model": "b", "ks": [2]}]
+    table = ev.paired_table(evals, [a, b])
+    # R@2 differences per row: 1, 1, 0, 0 -> per conversation c1: 1, c2: 0, c3: 0; mean over rows 0.5,
+    # SE from the conversation means (1, 0, 0): std 0.5774 / sqrt(3) = 0.3333
+    assert "| b − a | 4 | +0.5000 ± 0.3333 (+1.5 SE) |" in table
+    # N@2: rank 1 hit = 1, rank 2 hit = 1/log2(3) = 0.6309 -> rows 1, 0.6309, 0, 0; mean 0.4077;
+    # conversation means (0.8155, 0, 0): std 0.4708 / sqrt(3) = 0.2718
+    assert "+0.4077 ± 0.2718 (+1.5 SE) |" in table
+
+
 # --- generation: one per unique prompt --------------------------------------------------------------
 
 def test_rows_sharing_a_prompt_are_generated_once(tiny, monkeypatch):
@@ -257,6 +273,7 @@ def test_smoke_compares_two_models_with_plots(evaluated):
     _, out, _ = evaluated
     table = (out / "compare.md").read_text()
     assert "| tiny | test |" in table and "| sft | test |" in table
+    assert "| sft − tiny |" in table  # the paired differences
     for png in ("metrics_vs_k.png", "hit_rate_per_rank.png", "training_sft.png"):
         assert_png(out / png)
     assert not (out / "training_tiny.png").exists()  # 'tiny' is a name, not a run with a log
