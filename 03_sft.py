@@ -5,7 +5,7 @@ completion tokens only: the prompt is the condition, not a target. The model lea
 (N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py starts from the result and also
 uses it as the frozen KL reference.
 
-  python 03_sft.py                                    # CPU demo: smollm2, 24 steps x 8 sequences
+  python 03_sft.py                                    # CPU demo: smollm2, 24 steps x 8 sequences, ~7 min
   python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
   python 03_sft.py --resume                           # continue from runs/sft/checkpoint, same flags
 

@@ -6,7 +6,7 @@ ranks (one item per line), reward each rank causally, normalise the rewards per 
 samples, and update the policy with a rank-level importance ratio: the geometric mean of the item's
 token ratios, clipped, so that the unit of action is one item of the list.
 
-  python 04_rank_grpo.py                                   # CPU demo, from runs/sft (~12 min)
+  python 04_rank_grpo.py                                   # CPU demo, from runs/sft (~8 min)
   python 04_rank_grpo.py --algo grpo --out runs/grpo       # the vanilla GRPO baseline, same budget
   python 04_rank_grpo.py --algo gspo --out runs/gspo       # GSPO (sequence-level ratio)
   python 04_rank_grpo.py --model runs/sft_qwen --prompts-per-step 48 --group-size 8 \
