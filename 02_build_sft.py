@@ -137,7 +137,7 @@ def request_key(model: str, messages: list[dict], sampling: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def repair_torn_tail(path: Path) -> None:  # candidate for common.py (any append-only JSONL log)
+def repair_torn_tail(path: Path) -> None:
     """After a crash mid-append the file may end without a newline: keep that last line if it is
     whole JSON, drop it if it is torn, so the next append starts on a line of its own."""
     data = path.read_bytes()
