@@ -26,6 +26,7 @@ Deviations from the paper and the released code:
      items, so one malformed line shifts all later credit onto the wrong tokens.
   3. Sampling uses the policy as is (temperature 1, top-p 1, no top-k, no repetition penalty): the
      checkpoint's generation defaults are dropped, because the importance ratio assumes samples from pi.
+     With --temperature T the ratios and the KL use log-probs of logits / T, the distribution sampled.
   4. The instruction-following penalties (eps_u, eps_o) apply to every --algo, so the baselines differ
      from Rank-GRPO only in ratio level, reward and clip range. The newline that opens item N+1 gets
      eps_o with the overflow; the EOS that ends an overlong list leaves the loss (drop_late_eos).
@@ -84,7 +85,7 @@ class Config:
     eps_high: float = arg(0.0, "clip range above 1; 0: the algo's (rank 0.08, token 0.26, sequence 4e-4)")
     eps_u: float = arg(-0.1, "advantage of a premature EOS (fewer than N items)")
     eps_o: float = arg(-0.1, "advantage of every token of an item beyond rank N")
-    temperature: float = arg(1.0, "sampling temperature")
+    temperature: float = arg(1.0, "sampling temperature; the ratios and the KL use log-probs at the same temperature")
     top_p: float = arg(1.0, "sampling top-p")
     max_new_tokens: int = arg(0, "completion cap; 0: 16 tokens per item + 16")
     max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
@@ -402,9 +403,9 @@ def learn_from(run: Run, ro: Rollouts, cfg: Config) -> tuple[dict, torch.Tensor]
             T = b["comp"].shape[1]
             with common.autocast(device):
                 if cfg.mu > 1:
-                    b["logp_old"] = common.completion_logprobs(run.policy, b["ids"], b["attn"], T)
+                    b["logp_old"] = common.completion_logprobs(run.policy, b["ids"], b["attn"], T, temperature=cfg.temperature)
                 if run.ref is not None:
-                    b["logp_ref"] = common.completion_logprobs(run.ref, b["ids"], b["attn"], T)
+                    b["logp_ref"] = common.completion_logprobs(run.ref, b["ids"], b["attn"], T, temperature=cfg.temperature)
     t_ref = time.time() - t0
 
     # 4. mu policy updates on this batch of rollouts, each with manual gradient accumulation and one
@@ -414,7 +415,8 @@ def learn_from(run: Run, ro: Rollouts, cfg: Config) -> tuple[dict, torch.Tensor]
     for _ in range(cfg.mu):
         for b in batches:
             with common.autocast(device):
-                logp = common.completion_logprobs(run.policy, b["ids"], b["attn"], b["comp"].shape[1])
+                logp = common.completion_logprobs(run.policy, b["ids"], b["attn"], b["comp"].shape[1],
+                                                 temperature=cfg.temperature)
             loss, st = rank_grpo_loss(
                 logp, b["logp_old"] if cfg.mu > 1 else logp.detach(), b.get("logp_ref"), b["adv"], b["rank"],
                 b["mask"], eps_low=run.eps_low, eps_high=run.eps_high, beta=cfg.beta, n_ranks=n, level=run.level,

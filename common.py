@@ -740,13 +740,13 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
     return texts
 
 
-def _gather_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()  # [B, c, V], fp32 for the normaliser
+def _gather_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logits = lm_head(hidden).float() / temperature  # [B, c, V], fp32 for the normaliser
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                        chunk: int = 128) -> torch.Tensor:
+                        chunk: int = 128, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | x, y_<t) of the last `n_completion` tokens of every sequence.
 
     input_ids, attention_mask [B, L]: a left-padded prompt followed by the completion (padded on the
@@ -756,6 +756,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
       - the vocabulary projection runs chunk by chunk and, when gradients are on, under activation
         checkpointing: no [B, T, V] tensor is ever built and nothing of size V is kept for backward
         (with a 49k-152k vocabulary that tensor is the largest thing in the step).
+    `temperature` divides the logits, so the log-probs are those of the distribution generate()
+    sampled from at that temperature (top-p truncation is not modelled).
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -767,9 +769,10 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     for s in range(0, n_completion, chunk):
         h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
         if torch.is_grad_enabled():
-            out.append(torch.utils.checkpoint.checkpoint(_gather_logprobs, lm_head, h, y, use_reentrant=False))
+            out.append(torch.utils.checkpoint.checkpoint(_gather_logprobs, lm_head, h, y, temperature,
+                                                         use_reentrant=False))
         else:
-            out.append(_gather_logprobs(lm_head, h, y))
+            out.append(_gather_logprobs(lm_head, h, y, temperature))
     return torch.cat(out, dim=1)
 
 

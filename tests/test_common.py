@@ -268,7 +268,8 @@ def test_generate_batched_matches_one_by_one(tiny):
     assert together == alone
 
 
-def test_completion_logprobs_equal_full_softmax_and_ignore_left_padding(tiny):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_equal_full_softmax_and_ignore_left_padding(tiny, temperature):
     model, tok = tiny
     prompts = [tok.encode("Heat (1995) is"), tok.encode("a much longer prompt about Alien (1979) and")]
     comps = [tok.encode(" Ronin (1998)\nJaws"), tok.encode(" Heat (1995)\nX")]
@@ -278,10 +279,10 @@ def test_completion_logprobs_equal_full_softmax_and_ignore_left_padding(tiny):
     ids = torch.cat([ids, torch.tensor(comps)], 1)
     attn = torch.cat([attn, torch.ones(2, T, dtype=torch.long)], 1)
     with torch.no_grad():
-        lp = common.completion_logprobs(model, ids, attn, T, chunk=3)
+        lp = common.completion_logprobs(model, ids, attn, T, chunk=3, temperature=temperature)
         for i in range(2):  # the same sequence alone, no padding, through the plain forward pass
             alone = torch.tensor([prompts[i] + comps[i]])
-            full = torch.log_softmax(model(alone).logits.float(), -1)[0, len(prompts[i]) - 1:-1]
+            full = torch.log_softmax(model(alone).logits.float() / temperature, -1)[0, len(prompts[i]) - 1:-1]
             ref = full.gather(-1, torch.tensor(comps[i])[:, None]).squeeze(-1)
             assert torch.allclose(lp[i], ref, atol=1e-5)
 
