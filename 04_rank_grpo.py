@@ -30,6 +30,10 @@ Deviations from the paper and the released code:
   4. The instruction-following penalties (eps_u, eps_o) apply to every --algo, so the baselines differ
      from Rank-GRPO only in ratio level, reward and clip range. The newline that opens item N+1 gets
      eps_o with the overflow; the EOS that ends an overlong list leaves the loss (drop_late_eos).
+     Option, off by default (--decision-units): the two tokens that decide a list's length become
+     ratio units of their own, the newline after item N joining item N+1 and a premature EOS the
+     missing item. In App. C they share their item's ratio, which spreads their penalty over the
+     title's ~10 tokens. On the CPU demo it slowed the growth of the sampled lists (README).
   5. CPU demo defaults (6 steps of 2 prompts x 8 samples, lr 5e-6, N = 10) replace the paper's 48 x 8
      prompts per step, lr 1e-6, N = 20: at 16 rollouts per step and a handful of steps, 1e-6 moves nothing.
 """
@@ -56,7 +60,7 @@ ALGOS = {
 
 # Settings that define the training trajectory: --resume refuses to change them.
 TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n_items", "prompts_per_step", "group_size", "mu",
-              "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low", "eps_high", "seed")
+              "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low", "eps_high", "decision_units", "seed")
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Config:
     eps_high: float = arg(0.0, "clip range above 1; 0: the algo's (rank 0.08, token 0.26, sequence 4e-4)")
     eps_u: float = arg(-0.1, "advantage of a premature EOS (fewer than N items)")
     eps_o: float = arg(-0.1, "advantage of every token of an item beyond rank N")
+    decision_units: bool = arg(False, "the newline after item N and a premature EOS become ratio units of their "
+                               "own (not in the paper; off: they share their item's ratio, as in App. C)")
     temperature: float = arg(1.0, "sampling temperature; the ratios and the KL use log-probs at the same temperature")
     top_p: float = arg(1.0, "sampling top-p")
     max_new_tokens: int = arg(0, "completion cap; 0: 16 tokens per item + 16")
@@ -189,6 +195,23 @@ def drop_late_eos(rank_of_tok: torch.Tensor, mask: torch.Tensor, eos_tok: torch.
     overflow, the newline after item N, keeps its penalty (token_advantages)."""
     late = eos_tok & (rank_of_tok >= n)
     return rank_of_tok.masked_fill(late, -1), mask.masked_fill(late, 0)
+
+
+def decision_units(rank_of_tok: torch.Tensor, eos_tok: torch.Tensor, n: int) -> torch.Tensor:
+    """Move the two tokens that decide a list's length into the item they decide about, so that
+    their penalty (set by token_advantages, which runs first) is the advantage of a ratio unit of
+    its own instead of one token's share of a title's unit:
+    - the newline after item N (the list goes on) joins item N+1, the first overflow rank;
+    - an EOS after k < N items (the list stops) becomes rank k+1, the missing item, a unit alone.
+    In a title's unit the penalty moves each of the unit's tokens by eps/|y^(k)|^2 (the unit's mean
+    advantage over its size), about a tenth of what the overflow item's own tokens get: stopping
+    after N items is taught more weakly than stopping after N+1. Not in the paper (--decision-units).
+    rank_of_tok [B, T] after drop_late_eos -> [B, T]."""
+    next_rank = torch.cat([rank_of_tok[:, 1:], torch.full_like(rank_of_tok[:, :1], -1)], dim=1)
+    opens_overflow = (rank_of_tok == n - 1) & (next_rank >= n)
+    premature = eos_tok & (rank_of_tok >= 0) & (rank_of_tok < n - 1)
+    rank_of_tok = torch.where(opens_overflow, torch.full_like(rank_of_tok, n), rank_of_tok)
+    return torch.where(premature, rank_of_tok + 1, rank_of_tok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,6 +413,8 @@ def learn_from(run: Run, ro: Rollouts, cfg: Config) -> tuple[dict, torch.Tensor]
         b["rank"] = segment_ranks(b["comp"], b["mask"], run.nl_table)  # [b, T]
         b["rank"], b["mask"] = drop_late_eos(b["rank"], b["mask"], b["eos_tok"], n)
         b["adv"] = token_advantages(adv_rank[idx].to(device), b["rank"], b["eos_tok"], n, cfg.eps_u, cfg.eps_o)
+        if cfg.decision_units:
+            b["rank"] = decision_units(b["rank"], b["eos_tok"], n)  # ratio units of the loss
     # The normalisers of the whole step (every process), fixed before the first backward.
     n_seqs = B * run.world
     n_toks = int(common.all_sum([sum(len(c) for c in ro.completion_ids)], device)[0])

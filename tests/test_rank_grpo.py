@@ -95,6 +95,49 @@ def test_the_eos_that_ends_an_overlong_list_leaves_the_loss():
     assert logp.grad[1, 3] > 0  # an EOS after exactly N items keeps item N's (negative) advantage
 
 
+def test_decision_tokens_join_the_item_they_decide_about():
+    n = 2
+
+    def units(ids):
+        ids = torch.tensor([ids])
+        mask, eos = torch.ones_like(ids), ids == EOS
+        rank, mask = rg.drop_late_eos(rg.segment_ranks(ids, mask, NL), mask, eos, n)
+        return rg.decision_units(rank, eos, n)[0].tolist()
+
+    assert units([0, 1, 5, 1, 0, EOS]) == [0, 0, 1, 2, 2, -1]  # newline after item N opens item N+1
+    assert units([0, 5, EOS]) == [0, 0, 1]  # EOS after 1 < N items: the missing item 2, alone
+    assert units([0, 1, 5, EOS]) == [0, 0, 1, 1]  # exactly N: the EOS stays with item N
+    assert units([0, 1, 5, 2, 0]) == [0, 0, 1, 2, 3]  # "\n\n" after item N: the (empty) rank N+1
+
+
+def test_a_decision_token_gets_a_whole_rank_of_penalty():
+    # Two samples, N = 2, no hits (item advantages 0): only the penalties act.
+    n, eps_u, eps_o = 2, -0.1, -0.2
+    ids = torch.tensor([[0, 0, 1, 5, 5, 1, 0, 0, EOS], [0, 0, 0, EOS, 6, 6, 6, 6, 6]])
+    mask = torch.tensor([[1] * 9, [1, 1, 1, 1, 0, 0, 0, 0, 0]])
+    eos = (ids == EOS) & mask.bool()
+    rank, mask = rg.drop_late_eos(rg.segment_ranks(ids, mask, NL), mask, eos, n)
+    adv = rg.token_advantages(torch.zeros(2, n), rank, eos, n, eps_u, eps_o)
+    grads = {}
+    for own in (False, True):
+        r = rg.decision_units(rank, eos, n) if own else rank
+        logp = torch.full((2, 9), -1.0, requires_grad=True)
+        loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, r, mask, eps_low=0.2, eps_high=0.2,
+                                    beta=0.0, n_ranks=n)
+        loss.backward()
+        grads[own] = logp.grad
+    # the overflow newline (index 5) moves like the overflow item it opens, 1/(|unit|) of -eps_o each
+    unit_w = 1 / (2 * n)  # 1/(G N): the weight of one rank
+    assert grads[True][0, 5] == pytest.approx(-eps_o * unit_w / 3)
+    assert grads[True][0, 6] == pytest.approx(-eps_o * unit_w / 3)
+    # ... where in item N's unit (3 tokens) it moved its tokens by eps_o / 9 only
+    assert grads[False][0, 5] == pytest.approx(-eps_o * unit_w / 9)
+    # the premature EOS is a unit alone: a whole rank of eps_u, instead of 1/16 of one
+    assert grads[True][1, 3] == pytest.approx(-eps_u * unit_w)
+    assert grads[False][1, 3] == pytest.approx(-eps_u * unit_w / 16)
+    assert grads[True][1, 0] == 0 and grads[True][0, 3] == 0  # items with advantage 0 are untouched
+
+
 def test_segmentation_matches_text_split_with_a_real_tokenizer(tiny):
     model, tok = tiny
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
@@ -361,8 +404,9 @@ def weights(d):
 
 @pytest.mark.parametrize("algo", ["rank_grpo", "grpo", "gspo"])
 def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_path, capsys):
+    options = ["--decision-units", "--temperature", "0.8"] if algo == "rank_grpo" else []  # the options run too
     rg.main(args(demo_data, sft_dir, tmp_path, "--algo", algo, "--mu", "2" if algo == "gspo" else "1",
-                 "--val-every", "2" if algo == "rank_grpo" else "0"))
+                 "--val-every", "2" if algo == "rank_grpo" else "0", *options))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -374,7 +418,8 @@ def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_
     before, after = weights(sft_dir), weights(tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert "| ground truth:" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run_config.json").read_text())["algo"] == algo
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config["algo"] == algo and config["decision_units"] == (algo == "rank_grpo")
 
 
 def test_resume_continues_exactly(demo_data, sft_dir, tmp_path):
