@@ -599,7 +599,10 @@ def main(argv=None) -> dict:
     print(f"read {data}/catalog.jsonl ({len(cat)} items) and " + ", ".join(
         f"{sum(c['split'] == s for c in convs)} {s} conversations" for s in cfg.split) + f"; N = {n}")
     cat_keys = np.array([common.norm_title(r["title"]) for r in cat.rows])
-    banned = [np.isin(cat_keys, list(c["seen"])) for c in convs]  # [C] per conversation
+
+    def seen_items(c: dict) -> np.ndarray:  # [C] the catalog items this conversation has seen
+        return np.isin(cat_keys, list(c["seen"]))
+    banned = [seen_items(c) for c in convs]
 
     # 1. The teacher's zero-shot list per conversation, from the student's own prompt.
     where = cfg.teacher or f"local, on {device}"
@@ -694,13 +697,11 @@ def main(argv=None) -> dict:
     # 6. The demonstrations: top N of the last score, never a seen title; every one checked. With
     # --extra-demos, also for train conversations the teacher never saw (they are not in the report).
     demos = [demonstration(s, n, ban, cat) for s, ban in zip(s_now, banned)]
-    report_convs = convs
+    demo_convs = convs + extra[:n_demo]
+    demos += [demonstration(s, n, seen_items(c), cat) for s, c in zip(s_extra, extra[:n_demo])]
     if n_demo:
-        convs = convs + extra[:n_demo]
-        demos += [demonstration(s, n, np.isin(cat_keys, list(c["seen"])), cat)
-                  for s, c in zip(s_extra, extra[:n_demo])]
         print(f"extra demonstrations: {n_demo} train conversations the teacher did not answer")
-    for c, text in zip(convs, demos):
+    for c, text in zip(demo_convs, demos):
         seen = any(common.norm_title(it[0]) in c["seen"] for it in common.parse_completion(text))
         for r in c["rows"]:
             sc = common.score_completion(text, r, cat, n)
@@ -708,12 +709,11 @@ def main(argv=None) -> dict:
                 raise common.DataError(f"{r['id']}: fewer than {n} unseen catalog items to recommend")
     for split in cfg.split:
         out_rows = [{**r, "completion": [{"role": "assistant", "content": text}]}
-                    for c, text in zip(convs, demos) if c["split"] == split for r in c["rows"]]
+                    for c, text in zip(demo_convs, demos) if c["split"] == split for r in c["rows"]]
         common.write_jsonl(data / f"sft_{split}.jsonl", out_rows)
         print(f"wrote {data}/sft_{split}.jsonl ({len(out_rows)} rows)")
 
     # 7. The report: what each step buys (val is the honest column for Adjust, fit on train).
-    convs = report_convs
     steps = {"raw": raw}
     for name, per_conv in scores.items():
         steps[name if cfg.remap or name != "remap" else "raw+pad"] = [

@@ -169,6 +169,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return adv.view_as(rewards)
 
 
+def length_decisions(rank_of_tok: torch.Tensor, eos_tok: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two tokens that decide a list's length, as masks [B, T]: the newline after item N when the
+    list goes on (it opens item N+1), and an EOS after fewer than N items."""
+    next_rank = torch.cat([rank_of_tok[:, 1:], torch.full_like(rank_of_tok[:, :1], -1)], dim=1)
+    opens_overflow = (rank_of_tok == n - 1) & (next_rank >= n)
+    premature = eos_tok & (rank_of_tok >= 0) & (rank_of_tok < n - 1)
+    return opens_overflow, premature
+
+
 def token_advantages(adv_rank: torch.Tensor, rank_of_tok: torch.Tensor, eos_tok: torch.Tensor,
                      n: int, eps_u: float, eps_o: float) -> torch.Tensor:
     """adv_tok [B, T]: each token carries its rank's advantage, except (App. C, not normalised)
@@ -177,10 +186,8 @@ def token_advantages(adv_rank: torch.Tensor, rank_of_tok: torch.Tensor, eos_tok:
       item N's advantage instead, nothing would ever teach the model to stop at N);
     - an EOS that ends the list before N items gets eps_u."""
     adv_tok = adv_rank.gather(1, rank_of_tok.clamp(0, n - 1))
-    next_rank = torch.cat([rank_of_tok[:, 1:], torch.full_like(rank_of_tok[:, :1], -1)], dim=1)
-    overflow = (rank_of_tok >= n) | ((rank_of_tok == n - 1) & (next_rank >= n))
-    adv_tok = torch.where(overflow, torch.full_like(adv_tok, eps_o), adv_tok)
-    premature = eos_tok & (rank_of_tok < n - 1)
+    opens_overflow, premature = length_decisions(rank_of_tok, eos_tok, n)
+    adv_tok = torch.where((rank_of_tok >= n) | opens_overflow, torch.full_like(adv_tok, eps_o), adv_tok)
     adv_tok = torch.where(premature, torch.full_like(adv_tok, eps_u), adv_tok)
     return torch.where(rank_of_tok >= 0, adv_tok, torch.zeros_like(adv_tok))
 
@@ -207,9 +214,7 @@ def decision_units(rank_of_tok: torch.Tensor, eos_tok: torch.Tensor, n: int) -> 
     advantage over its size), about a tenth of what the overflow item's own tokens get: stopping
     after N items is taught more weakly than stopping after N+1. Not in the paper (--decision-units).
     rank_of_tok [B, T] after drop_late_eos -> [B, T]."""
-    next_rank = torch.cat([rank_of_tok[:, 1:], torch.full_like(rank_of_tok[:, :1], -1)], dim=1)
-    opens_overflow = (rank_of_tok == n - 1) & (next_rank >= n)
-    premature = eos_tok & (rank_of_tok >= 0) & (rank_of_tok < n - 1)
+    opens_overflow, premature = length_decisions(rank_of_tok, eos_tok, n)
     rank_of_tok = torch.where(opens_overflow, torch.full_like(rank_of_tok, n), rank_of_tok)
     return torch.where(premature, rank_of_tok + 1, rank_of_tok)
 

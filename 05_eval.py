@@ -236,14 +236,14 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
 # Comparing evaluations: a Markdown table and plots
 # ------------------------------------------------------------------------------------------------
 
-def load_evaluation(eval_dir: str | Path) -> tuple[dict, list[dict]]:
-    """(metrics, per-rank rows) of one evaluation directory."""
+def load_evaluation(eval_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
+    """(metrics, per-rank rows, per-row samples) of one evaluation directory."""
     d = Path(eval_dir)
     hint = "run 05_eval.py --models ... first"
     metrics = common.read_json(common.require(d / "metrics.json", hint))
     with open(common.require(d / "per_rank.csv", hint), newline="", encoding="utf-8") as f:
         ranks = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    return metrics, ranks
+    return metrics, ranks, common.read_jsonl(common.require(d / "samples.jsonl", hint))
 
 
 def compare_table(evals: list[dict]) -> str:
@@ -388,12 +388,10 @@ def compare(eval_dirs: list[str], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     loaded = [load_evaluation(d) for d in eval_dirs]
-    evals, ranks = [m for m, _ in loaded], [r for _, r in loaded]
+    evals, ranks, samples = map(list, zip(*loaded))
     if len({(m["split"], m["n"], m["rows"], m.get("data_dir")) for m in evals}) > 1:
         print("warning: these evaluations are not on the same rows (split, N, rows or data differ)")
-    table = compare_table(evals) + "\n" + paired_table(
-        evals, [common.read_jsonl(common.require(Path(d) / "samples.jsonl", "run 05_eval.py --models ... first"))
-                for d in eval_dirs])
+    table = compare_table(evals) + "\n" + paired_table(evals, samples)
     common.write_text(out / "compare.md", table)
     print("\n" + table)
     plot_metrics_vs_k(evals, out / "metrics_vs_k.png")

@@ -86,7 +86,7 @@ def run(main: Callable[[], Any]) -> None:
         sys.exit(2)
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group together, so
-        dist.barrier()                                  # no process exits while a peer still talks to it
+        barrier()                                       # no process exits while a peer still talks to it
         dist.destroy_process_group()
 
 
