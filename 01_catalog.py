@@ -8,9 +8,9 @@ Paper: section 1 (task, catalog, data) and 3 (metrics). Two ways to get data:
 Writes data/catalog.jsonl, data/{train,val,test}.jsonl and data/catalog_summary.json.
 
 The demo world is a small, seeded, procedurally generated benchmark made so that the whole
-pipeline runs on a CPU and learning is visible: real movies (facts at the bottom of this file), users
-whose taste is one or two genres and sometimes a decade (facts in demo_movies.tsv), conversations in varied forum wording that
-mention a few movies they have seen, and ground truth drawn from the taste with a popularity skew,
+pipeline runs on a CPU and learning is visible: real movies (title, year, genres and a fame score,
+in demo_movies.tsv next to this file), users whose taste is one or two genres and sometimes a decade,
+conversations in varied forum wording that mention a few movies they have seen, and ground truth drawn from the taste with a popularity skew,
 several rows ("repliers") per conversation, split in time order like Reddit-v2. Because the world
 is known, so is the best policy: rank the requested genres by popularity. Its Recall/NDCG on test is
 printed as a ceiling, next to a popularity baseline as a floor.

@@ -1,6 +1,6 @@
 """Stage 02: SFT demonstrations from a teacher LLM, through Remap-Reflect-Adjust.
 
-Paper: section 2.2 and Appendix A (PAPER.md section 5). A teacher answers every conversation zero-shot
+Paper: section 2.2 and Appendix A (docs/method.md, 'SFT data'). A teacher answers every conversation zero-shot
 with the student's own prompt. Its list (often out of catalog) becomes one score per catalog item,
 refined in three steps, and the top N of the final score is the demonstration:
 
@@ -198,8 +198,8 @@ def local_answers(name: str, device: torch.device, batch_size: int, trust_remote
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             texts = common.generate(model, tok, [prompts[i] for i in idx], sampling["max_tokens"],
-                                    batch_size=len(idx), do_sample=sampling["temperature"] > 0,
-                                    temperature=max(sampling["temperature"], 1e-5), top_p=sampling["top_p"])
+                                    batch_size=len(idx), greedy=sampling["temperature"] <= 0,
+                                    temperature=max(sampling["temperature"], 1e-5))
             yield from zip(idx, texts)
     return answer
 

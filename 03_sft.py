@@ -1,6 +1,6 @@
 """Stage 03: supervised warm start (SFT) on the Remap-Reflect-Adjust demonstrations.
 
-Paper: Eq. 2 and the SFT recipe (PAPER.md section 6). Full fine-tuning with cross-entropy on the
+Paper: Eq. 2 and the SFT recipe of section 2.2 (docs/method.md, 'SFT'). Full fine-tuning with cross-entropy on the
 completion tokens only: the prompt is the condition, not a target. The model learns the output format
 (N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py starts from the result and also
 uses it as the frozen KL reference.
@@ -62,7 +62,8 @@ class Config:
     n_items: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote")
     seed: int = arg(0, "seed of the data order (and of everything else random)")
     cpu: bool = arg(False, "train on the CPU even when CUDA is available")
-    bf16: bool = arg(False, "bf16 autocast on a CPU too (CUDA always uses it); slow without bf16 hardware")
+    bf16: bool = arg(True, "bf16 autocast (fp32 master weights) where bf16 is native: CUDA, CPUs with "
+                           "AVX512-BF16 or AMX; --no-bf16: fp32")
     limit: int = arg(0, "use only the first LIMIT training rows (0: all)")
     steps: int = arg(24, "optimizer steps (the paper: 1,500)")
     batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)")
@@ -118,21 +119,10 @@ def encode_examples(tok, rows: list[dict], max_prompt_tokens: int, max_len: int)
     return examples, n_cut
 
 
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-padded prompts followed by right-padded completions.
-
-    Returns ids [B, P+T], attention mask [B, P+T] and the completion mask [B, T] (1 on every
-    completion token, EOS included). Masks come from lengths: pad == EOS here, so comparing ids with
-    the pad id would drop the EOS the model must learn.
-    """
-    prompt_ids, prompt_attn = common.left_pad([e.prompt for e in examples], pad_id)  # [B, P]
-    T = max(len(e.completion) for e in examples)
-    comp_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # [B, T]
-    comp_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
-    for i, e in enumerate(examples):
-        comp_ids[i, :len(e.completion)] = torch.tensor(e.completion, dtype=torch.long)
-        comp_mask[i, :len(e.completion)] = 1
-    return torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_attn, comp_mask], 1), comp_mask
+def collate(examples: list[Example], pad_id: int) -> common.Batch:
+    """Left-padded prompts and right-padded completions (common.make_batch); the completion mask
+    is 1 on every completion token, EOS included, from lengths (pad == EOS here)."""
+    return common.make_batch([e.prompt for e in examples], [e.completion for e in examples], pad_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,10 +153,10 @@ def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad
     batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.completion))  # similar lengths: less padding
     total = torch.zeros((), device=device)
     for s in range(0, len(batch), micro_batch_size):
-        ids, attn, mask = (t.to(device) for t in collate(batch[s:s + micro_batch_size], pad_id))
+        b = collate(batch[s:s + micro_batch_size], pad_id).to(device)
         with common.autocast(device, amp):
-            logp_tok = common.completion_logprobs(model, ids, attn, mask.shape[1])  # [b, T], fp32
-        nll = completion_nll(logp_tok, mask)
+            logp_tok = common.completion_logprobs(model, b, share_prompts=False)  # [b, T], fp32
+        nll = completion_nll(logp_tok, b.completion_mask)
         (nll / n_comp).backward()
         total += nll.detach()
     return total, sum(len(e.completion) for e in batch), n_all
@@ -214,11 +204,11 @@ def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int
     model.eval()
     total, n_tok = 0.0, 0
     for s in tqdm(range(0, len(examples), batch_size), desc="val loss", leave=False):
-        ids, attn, mask = (t.to(device) for t in collate(examples[s:s + batch_size], pad_id))
+        b = collate(examples[s:s + batch_size], pad_id).to(device)
         with common.autocast(device, amp):
-            logp_tok = common.completion_logprobs(model, ids, attn, mask.shape[1])
-        total += completion_nll(logp_tok, mask).item()
-        n_tok += int(mask.sum())
+            logp_tok = common.completion_logprobs(model, b, share_prompts=False)
+        total += completion_nll(logp_tok, b.completion_mask).item()
+        n_tok += int(b.completion_mask.sum())
     model.train(was_training)
     return total / n_tok
 
@@ -253,7 +243,7 @@ def main(argv=None) -> None:
 
     # 2. Device, model, tokens. Weights stay fp32 (the master copy); bf16 only inside autocast.
     common.seed_everything(cfg.seed)
-    amp = device.type == "cuda" or cfg.bf16
+    amp = cfg.bf16 and common.bf16_native(device)
     model, tok = common.load_model(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(model)

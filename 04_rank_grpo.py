@@ -1,41 +1,28 @@
 """Stage 04: Rank-GRPO, with the vanilla GRPO and GSPO baselines, in plain PyTorch.
 
 Paper: section 2.3 (Eq. 6-9, 16) and App. C. The policy starts from the SFT model of 03_sft.py, which
-is also the frozen KL reference. Each step: sample G lists per prompt, split every list into its N
-ranks (one item per line), reward each rank causally, normalise the rewards per rank across the G
-samples, and update the policy with a rank-level importance ratio: the geometric mean of the item's
-token ratios, clipped, so that the unit of action is one item of the list.
+is also the frozen KL reference. The unit of action is one item of the list: each rank gets its own
+reward, its own advantage (normalised across the G samples of a prompt) and its own importance
+ratio (the geometric mean of the item's token ratios, clipped).
 
-  python 04_rank_grpo.py                                   # CPU demo, from runs/sft (~8 min)
+  python 04_rank_grpo.py                                   # CPU demo, from runs/sft
   python 04_rank_grpo.py --algo grpo --out runs/grpo       # the vanilla GRPO baseline, same budget
   python 04_rank_grpo.py --algo gspo --out runs/gspo       # GSPO (sequence-level ratio)
-  python 04_rank_grpo.py --model runs/sft_qwen --prompts-per-step 48 --group-size 8 \
-      --lr 1e-6 --steps 1600 --max-new-tokens 1024 --micro-batch-size 16   # paper, one GPU
+  python 04_rank_grpo.py --model runs/sft --prompts-per-step 48 --group-size 8 --lr 1e-6 \\
+      --steps 1600 --max-new-tokens 1024 --micro-batch-size 16   # the paper's setting, one GPU
 
 Writes <out>/ (the policy as an HF directory), run_config.json, log.jsonl, checkpoint/.
 
-Notation (shape comments): B sequences in a batch (prompts x G), G samples per prompt, T completion
-tokens, N ranks (items asked for), R ranks present (N plus overflow), V vocabulary, L prompt+completion.
+One step (`rl_step`), as in the paper's algorithm box:
+  1. sample G lists per prompt from pi_old (the current policy), from the full softmax
+  2. reward every rank (Eq. 8 or 9) and normalise each rank's rewards across the G samples (Eq. 6)
+  3. give every token its rank, its advantage and its ratio unit; the length rules (App. C)
+  4. log-probs of pi_old (only when mu > 1) and of pi_ref, without gradients
+  5. mu policy updates: micro-batches accumulate the gradient of Eq. 6 minus beta KL, then one step
 
-Deviations from the paper and the released code:
-  1. Aggregation is Eq. 6 as written: mean over ranks (1/(G N)), token-mean inside a rank. The released
-     code broadcasts the rank ratio to tokens and averages over all tokens (per-item gradient = token
-     sum); that is `--aggregation released`.
-  2. Rank k is line k of text.split("\\n"), and a token's rank is the number of newlines before it,
-     from a vocabulary-wide newline table. The released code indexes rewards by successfully parsed
-     items, so one malformed line shifts all later credit onto the wrong tokens.
-  3. Sampling uses the policy as is (temperature 1, top-p 1, no top-k, no repetition penalty): the
-     checkpoint's generation defaults are dropped, because the importance ratio assumes samples from pi.
-     With --temperature T the ratios and the KL use log-probs of logits / T, the distribution sampled.
-  4. The instruction-following penalties (eps_u, eps_o) apply to every --algo, so the baselines differ
-     from Rank-GRPO only in ratio level, reward and clip range. The newline that opens item N+1 gets
-     eps_o with the overflow; the EOS that ends an overlong list leaves the loss (drop_late_eos).
-     Option, off by default (--decision-units): the two tokens that decide a list's length become
-     ratio units of their own, the newline after item N joining item N+1 and a premature EOS the
-     missing item. In App. C they share their item's ratio, which spreads their penalty over the
-     title's ~10 tokens. On the CPU demo it slowed the growth of the sampled lists (README).
-  5. CPU demo defaults (6 steps of 2 prompts x 8 samples, lr 5e-6, N = 10) replace the paper's 48 x 8
-     prompts per step, lr 1e-6, N = 20: at 16 rollouts per step and a handful of steps, 1e-6 moves nothing.
+Notation in shape comments: B sequences (prompts x G), G samples per prompt, T completion tokens,
+N ranks asked for, V vocabulary. Where this differs from the paper and the released code: README,
+"Where we differ" (Rank-GRPO items).
 """
 
 from __future__ import annotations
@@ -50,17 +37,17 @@ import torch
 import common
 from common import arg
 
-# (ratio level, reward, eps_low, eps_high) of each algorithm, from the paper (section 4 of PAPER.md)
+# (ratio level, reward, eps_low, eps_high) of each algorithm, as the paper runs them
 ALGOS = {
     "rank_grpo": ("rank", "exp_inf", 0.06, 0.08),
     "grpo": ("token", "dcg", 0.2, 0.26),
     "gspo": ("sequence", "dcg", 3e-4, 4e-4),
 }
 
-
 # Settings that define the training trajectory: --resume refuses to change them.
-TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n_items", "prompts_per_step", "group_size", "mu",
-              "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low", "eps_high", "decision_units", "seed")
+TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n_items", "prompts_per_step",
+              "group_size", "mu", "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low",
+              "eps_high", "eps_u", "eps_o", "eps_n", "temperature", "seed")
 
 
 @dataclass
@@ -69,45 +56,58 @@ class Config:
     model: str = arg("runs/sft", "policy to start from (03_sft.py output), a load_model name or HF dir")
     ref_model: str = arg("", "frozen KL reference pi_ref; empty: the same as --model")
     out: str = arg("runs/rank_grpo", "output directory")
-    algo: str = arg("rank_grpo", "rank_grpo | grpo (token ratio, DCG@N reward) | gspo (sequence ratio)")
-    reward: str = arg("", "override the algo's reward: exp_inf (Eq. 9, Gamma->inf) | log (Eq. 8) | dcg")
-    aggregation: str = arg("paper", "paper: Eq. 6 (token-mean inside a rank) | released: mean over tokens")
-    n_items: int = arg(0, "N, items per list; 0: from data/catalog_summary.json")
-    steps: int = arg(6, "optimizer steps (x mu updates per batch of rollouts)")
-    prompts_per_step: int = arg(2, "prompts per batch of rollouts (paper: 48)")
-    group_size: int = arg(8, "G, samples per prompt (paper: 8)")
-    mu: int = arg(1, "policy updates per batch of rollouts (1: on-policy, every ratio is 1)")
-    micro_batch_size: int = arg(8, "sequences per forward/backward; gradients accumulate over the step")
-    lr: float = arg(5e-6, "learning rate, constant (paper: 1e-6 with 48 x 8 rollouts per step)")
-    lr_drop_step: int = arg(0, "from this step on use --lr-drop (0: never; paper 1B/3B: epoch 2)")
-    lr_drop: float = arg(1e-7, "learning rate after --lr-drop-step")
-    adam_beta2: float = arg(0.99, "AdamW beta2 (paper: 0.99)")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    beta: float = arg(1e-3, "KL weight beta (k3 estimator against pi_ref); 0 skips the reference model")
-    eps_low: float = arg(0.0, "clip range below 1; 0: the algo's (rank 0.06, token 0.2, sequence 3e-4)")
-    eps_high: float = arg(0.0, "clip range above 1; 0: the algo's (rank 0.08, token 0.26, sequence 4e-4)")
-    eps_u: float = arg(-0.1, "advantage of a premature EOS (fewer than N items)")
-    eps_o: float = arg(-0.1, "advantage of every token of an item beyond rank N")
-    decision_units: bool = arg(False, "the newline after item N and a premature EOS become ratio units of their "
-                               "own (not in the paper; off: they share their item's ratio, as in App. C)")
-    temperature: float = arg(1.0, "sampling temperature; the ratios and the KL use log-probs at the same temperature")
-    top_p: float = arg(1.0, "sampling top-p")
-    max_new_tokens: int = arg(0, "completion cap; 0: 16 tokens per item + 16")
-    max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
-    gen_batch_size: int = arg(64, "sequences per generate() call")
-    val_every: int = arg(6, "greedy validation every this many steps (and before the first)")
-    val_limit: int = arg(16, "validation conversations")
-    sample_every: int = arg(3, "print one real sample every this many steps")
-    save_every: int = arg(3, "checkpoint every this many steps")
+    algo: str = arg("rank_grpo", "rank_grpo | grpo (token ratio, DCG@N reward) | gspo (sequence ratio)",
+                    choices=list(ALGOS))
+    reward: str = arg("", "override the algo's reward: exp_inf (Eq. 9, Gamma->inf) | log (Eq. 8) | dcg",
+                      choices=["", "exp_inf", "log", "dcg"])
+    aggregation: str = arg("paper", "paper: Eq. 6, token-mean inside a unit | released: mean over tokens",
+                           choices=["paper", "released"])
+    n_items: int = arg(0, "N, items per list; 0: from data/catalog_summary.json", within="[0, inf)")
+    steps: int = arg(6, "optimizer steps (x mu updates per batch of rollouts)", within="[1, inf)")
+    prompts_per_step: int = arg(2, "prompts per batch of rollouts (paper: 48)", within="[1, inf)")
+    group_size: int = arg(8, "G, samples per prompt (paper: 8)", within="[2, inf)")
+    mu: int = arg(1, "policy updates per batch of rollouts (1: on-policy, every ratio is 1)",
+                  within="[1, inf)")
+    micro_batch_size: int = arg(8, "sequences per forward/backward; gradients accumulate over the step",
+                                within="[1, inf)")
+    lr: float = arg(5e-6, "learning rate, constant (paper: 1e-6 with 48 x 8 rollouts per step)",
+                    within="(0, inf)")
+    lr_drop_step: int = arg(0, "from this step on use --lr-drop (0: never; paper 1B/3B: epoch 2)",
+                            within="[0, inf)")
+    lr_drop: float = arg(1e-7, "learning rate after --lr-drop-step", within="(0, inf)")
+    adam_beta2: float = arg(0.99, "AdamW beta2 (paper: 0.99)", within="(0, 1)")
+    weight_decay: float = arg(0.0, "AdamW weight decay", within="[0, inf)")
+    max_grad_norm: float = arg(1.0, "gradient clipping", within="(0, inf)")
+    beta: float = arg(1e-3, "KL weight beta (k3 estimator against pi_ref); 0 skips the reference model",
+                      within="[0, inf)")
+    eps_low: float = arg(0.0, "clip range below 1; 0: the algo's (rank 0.06, token 0.2, sequence 3e-4)",
+                         within="[0, 1)")
+    eps_high: float = arg(0.0, "clip range above 1; 0: the algo's (rank 0.08, token 0.26, sequence 4e-4)",
+                          within="[0, inf)")
+    eps_u: float = arg(-0.1, "advantage of an EOS after fewer than N items (App. C)")
+    eps_o: float = arg(-0.1, "advantage of the token that starts line N+1, and of items beyond N (App. C)")
+    eps_n: float = arg(0.1, "advantage of the EOS right after item N (the released trainer's bonus)")
+    temperature: float = arg(1.0, "sampling temperature; ratios and KL use log-probs at this temperature",
+                             within="(0, inf)")
+    max_new_tokens: int = arg(0, "completion cap; 0: 16 tokens per item + 16", within="[0, inf)")
+    max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens", within="[1, inf)")
+    gen_batch_size: int = arg(64, "sequences per decoding batch", within="[1, inf)")
+    val_every: int = arg(6, "greedy validation every this many steps, and before the first (0: never)",
+                         within="[0, inf)")
+    val_limit: int = arg(16, "validation conversations", within="[1, inf)")
+    sample_every: int = arg(3, "print one real sample every this many steps (0: never)", within="[0, inf)")
+    save_every: int = arg(3, "checkpoint every this many steps (and at the end)", within="[1, inf)")
     resume: bool = arg(False, "continue from <out>/checkpoint")
-    grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory, shares no prompt)")
+    bf16: bool = arg(True, "bf16 autocast (fp32 master weights) for the log-prob and training passes, "
+                           "where bf16 is native (CUDA; CPUs with AVX512-BF16 or AMX)")
     seed: int = arg(0, "seed for prompt order and sampling")
     cpu: bool = arg(False, "use the CPU even when CUDA is present")
-    compile: bool = arg(False, "sampling with a static KV cache; on CUDA generate() then compiles the decoding step")
-    benchmark: str = arg("", "time full steps on a random model of this architecture (qwen2.5-0.5b, smollm2-135m, tiny)")
-    benchmark_steps: int = arg(3, "timed benchmark steps (after one warm-up step)")
-    benchmark_prompt_tokens: int = arg(384, "prompt length in the benchmark")
+    compile: bool = arg(False, "decode with a static KV cache and a compiled step (pays off on CUDA)")
+    benchmark: str = arg("", "time full steps on a random model of this architecture (appendix)",
+                         choices=["", "qwen2.5-0.5b", "smollm2-135m", "tiny"])
+    benchmark_steps: int = arg(3, "timed benchmark steps (after one warm-up step)", within="[1, inf)")
+    benchmark_prompt_tokens: int = arg(384, "prompt length in the benchmark", within="[1, inf)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,12 +122,11 @@ def newline_table(tok, vocab_size: int) -> torch.Tensor:
     return table
 
 
-def segment_ranks(completion_ids: torch.Tensor, mask: torch.Tensor, nl_table: torch.Tensor) -> torch.Tensor:
-    """rank_of_tok [B, T]: the number of newlines before each token (rank 0 = first item), -1 outside
-    the mask. A token holding a newline closes the item it ends, so it belongs to that item; a token
-    with two newlines ("\\n\\n") also skips a rank, which then has no tokens. EOS belongs to the line it
-    ends. Ranks >= N are overflow."""
-    nl_tok = nl_table.to(completion_ids.device)[completion_ids] * mask  # [B, T]
+def segment_ranks(nl_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """rank_of_tok [B, T]: the newlines before each token (0 = the first item), -1 outside the mask.
+    nl_tok [B, T] is the newline count of each token (newline_table[ids]). A token holding a newline
+    closes the item it ends, so it belongs to that item; EOS belongs to the line it ends."""
+    nl_tok = nl_tok * mask
     rank_of_tok = nl_tok.cumsum(dim=1) - nl_tok
     return torch.where(mask.bool(), rank_of_tok, torch.full_like(rank_of_tok, -1))
 
@@ -137,7 +136,7 @@ def segment_ranks(completion_ids: torch.Tensor, mask: torch.Tensor, nl_table: to
 # ------------------------------------------------------------------------------------------------
 
 def rank_relevance(texts: list[str], rows: list[dict], catalog: common.Catalog, n: int) -> torch.Tensor:
-    """rel [B, N]: rel_{i,k} of PAPER.md section 2 for the first N lines of each completion."""
+    """rel [B, N]: rel_{i,k} of the first N lines of each completion (common.judge_lines)."""
     rel = torch.zeros(len(texts), n)
     for i, (text, row) in enumerate(zip(texts, rows)):
         items = common.parse_completion(text)[:n]
@@ -169,130 +168,50 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return adv.view_as(rewards)
 
 
-def length_decisions(rank_of_tok: torch.Tensor, eos_tok: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two tokens that decide a list's length, as masks [B, T]: the newline after item N when the
-    list goes on (it opens item N+1), and an EOS after fewer than N items."""
-    next_rank = torch.cat([rank_of_tok[:, 1:], torch.full_like(rank_of_tok[:, :1], -1)], dim=1)
-    opens_overflow = (rank_of_tok == n - 1) & (next_rank >= n)
-    premature = eos_tok & (rank_of_tok >= 0) & (rank_of_tok < n - 1)
-    return opens_overflow, premature
-
-
-def token_advantages(adv_rank: torch.Tensor, rank_of_tok: torch.Tensor, eos_tok: torch.Tensor,
-                     n: int, eps_u: float, eps_o: float) -> torch.Tensor:
-    """adv_tok [B, T]: each token carries its rank's advantage, except (App. C, not normalised)
-    - tokens of items beyond rank N get eps_o, and so does the newline after item N when the list
-      goes on: it is the choice to write item N+1 instead of EOS, so it must carry the penalty (with
-      item N's advantage instead, nothing would ever teach the model to stop at N);
-    - an EOS that ends the list before N items gets eps_u."""
-    adv_tok = adv_rank.gather(1, rank_of_tok.clamp(0, n - 1))
-    opens_overflow, premature = length_decisions(rank_of_tok, eos_tok, n)
-    adv_tok = torch.where((rank_of_tok >= n) | opens_overflow, torch.full_like(adv_tok, eps_o), adv_tok)
-    adv_tok = torch.where(premature, torch.full_like(adv_tok, eps_u), adv_tok)
-    return torch.where(rank_of_tok >= 0, adv_tok, torch.zeros_like(adv_tok))
-
-
-def drop_late_eos(rank_of_tok: torch.Tensor, mask: torch.Tensor, eos_tok: torch.Tensor,
-                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Take the EOS that ends a list of more than N items out of the loss (rank -1, mask 0).
-
-    Once the list has overflowed, stopping is the right move. Left in the overflow item it closes,
-    the EOS would share that item's penalty eps_o (and its ratio), so every overlong sample would
-    teach the model to stop *later*, and lists grow step after step. The choice that caused the
-    overflow, the newline after item N, keeps its penalty (token_advantages)."""
-    late = eos_tok & (rank_of_tok >= n)
-    return rank_of_tok.masked_fill(late, -1), mask.masked_fill(late, 0)
-
-
-def decision_units(rank_of_tok: torch.Tensor, eos_tok: torch.Tensor, n: int) -> torch.Tensor:
-    """Move the two tokens that decide a list's length into the item they decide about, so that
-    their penalty (set by token_advantages, which runs first) is the advantage of a ratio unit of
-    its own instead of one token's share of a title's unit:
-    - the newline after item N (the list goes on) joins item N+1, the first overflow rank;
-    - an EOS after k < N items (the list stops) becomes rank k+1, the missing item, a unit alone.
-    In a title's unit the penalty moves each of the unit's tokens by eps/|y^(k)|^2 (the unit's mean
-    advantage over its size), about a tenth of what the overflow item's own tokens get: stopping
-    after N items is taught more weakly than stopping after N+1. Not in the paper (--decision-units).
-    rank_of_tok [B, T] after drop_late_eos -> [B, T]."""
-    opens_overflow, premature = length_decisions(rank_of_tok, eos_tok, n)
-    rank_of_tok = torch.where(opens_overflow, torch.full_like(rank_of_tok, n), rank_of_tok)
-    return torch.where(premature, rank_of_tok + 1, rank_of_tok)
-
-
 # ------------------------------------------------------------------------------------------------
-# 3. The loss (Eq. 6, 7, 16): copy this function into another project
+# 3. The length rules (App. C, amended): every token's advantage and ratio unit
 # ------------------------------------------------------------------------------------------------
 
-def unit_of_token(rank_of_tok: torch.Tensor, level: str) -> torch.Tensor:
-    """Which ratio unit each token belongs to: its rank, its whole sequence, or itself."""
-    if level == "rank":
-        return rank_of_tok.clamp(min=0)
-    if level == "sequence":
-        return torch.zeros_like(rank_of_tok)
-    if level == "token":
-        return torch.arange(rank_of_tok.shape[1], device=rank_of_tok.device).expand_as(rank_of_tok)
-    raise ValueError(f"unknown ratio level {level!r}")
+def length_rules(adv_rank: torch.Tensor, nl_tok: torch.Tensor, eos_tok: torch.Tensor, mask: torch.Tensor,
+                 n: int, eps_u: float, eps_o: float, eps_n: float):
+    """(adv_tok, unit_of_tok, mask) [B, T] for the tokens of sampled lists, all length rules here.
 
-
-def unit_mean(values: torch.Tensor, unit: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of `values` over the tokens of each unit, handed back to every token of the unit, and the
-    unit's token count per token. values, unit, mask [B, T] -> ([B, T], [B, T])."""
-    n_units = int(unit.max()) + 1 if unit.numel() else 1
-    m = mask.to(values.dtype)
-    sums = torch.zeros(unit.shape[0], n_units, dtype=values.dtype, device=values.device)
-    counts = torch.zeros_like(sums)
-    sums = sums.scatter_add(1, unit, values * m)
-    counts = counts.scatter_add(1, unit, m)
-    mean_tok = (sums / counts.clamp(min=1)).gather(1, unit)
-    return mean_tok, counts.gather(1, unit)
-
-
-def rank_grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor | None,
-                   adv_tok: torch.Tensor, rank_of_tok: torch.Tensor, mask: torch.Tensor, *,
-                   eps_low: float, eps_high: float, beta: float, n_ranks: int, level: str = "rank",
-                   aggregation: str = "paper", n_seqs: int | None = None, n_toks: int | None = None):
-    """The clipped surrogate of Eq. 6 minus beta * KL, to minimise, and detached diagnostics.
-
-    logp, logp_old, logp_ref [B, T]: log-probs of the sampled tokens under pi_theta (with grad),
-        pi_old and pi_ref (logp_ref None when beta = 0)
-    adv_tok [B, T]: each token's advantage (its rank's A_{i,k}, or a penalty)
-    rank_of_tok [B, T]: the rank of each token (0 = first item; >= n_ranks: overflow), -1 = padding
-    mask [B, T]: 1 on completion tokens
-    level: 'rank' (Rank-GRPO), 'token' (GRPO) or 'sequence' (GSPO): the unit whose ratio is the
-        geometric mean of its token ratios, w = exp(mean_t (logp - logp_old))
-    n_seqs, n_toks: sequences / tokens of the whole optimizer step (default: this batch), so that
-        micro-batches of one step add up to the full-batch loss
+    An item token carries its rank's advantage A_{i,k}; the tokens of rank k form ratio unit k.
+    The three tokens that decide a list's length are ratio units of their own (not one token's share
+    of a title's unit, where their signal would be diluted ~|item| times), with a fixed advantage:
+      - the token holding the N-th newline (it starts line N+1; also "\\n\\n" past N)  eps_o
+      - an EOS after fewer than N lines (the list stops early)                       eps_u
+      - the EOS right after line N (exactly N lines)                                 eps_n (> 0)
+    Tokens of lines beyond N get eps_o (App. C), unit = their line. The EOS that ends a longer list
+    leaves the loss (mask 0): stopping is right by then, the mistake was the N-th newline.
+    Unit ids: 2 * rank for the tokens of a line, 2 * rank + 1 for a decision token in it.
     """
-    n_seqs = mask.shape[0] if n_seqs is None else n_seqs
-    n_toks = int(mask.sum()) if n_toks is None else n_toks
-    m = mask.to(logp.dtype)
-    unit = unit_of_token(rank_of_tok, level)
-    # log w of the token's unit; for a rank: (1/|y^(k)|) sum_{t in k} log pi_theta/pi_old (Eq. 6)
-    log_ratio_tok, unit_size = unit_mean(logp - logp_old, unit, mask)
-    ratio_tok = torch.exp(log_ratio_tok)
-    clipped = torch.clamp(ratio_tok, 1 - eps_low, 1 + eps_high)
-    surrogate_tok = torch.minimum(ratio_tok * adv_tok, clipped * adv_tok)
-    # Weight of each token so that the sum is Eq. 6's average: token-mean inside the unit, then
-    # 1/(G N) over ranks (rank), 1/G over sequences (sequence), or 1/(all tokens) (token level).
-    if level == "token" or aggregation == "released":
-        weight_tok = m / n_toks
-    elif level == "rank":
-        weight_tok = m / (unit_size.clamp(min=1) * n_seqs * n_ranks)
-    else:
-        weight_tok = m / (unit_size.clamp(min=1) * n_seqs)
-    objective = (surrogate_tok * weight_tok).sum()
-    kl = torch.zeros((), device=logp.device)
-    if logp_ref is not None and beta > 0:
-        kl = (kl_k3(logp, logp_ref) * m).sum() / n_toks
-    loss = -(objective - beta * kl)
-    with torch.no_grad():  # diagnostics: where clipping removes the gradient, per token
-        active = mask.bool()
-        clip_low = ((ratio_tok < 1 - eps_low) & (adv_tok < 0) & active).sum()
-        clip_high = ((ratio_tok > 1 + eps_high) & (adv_tok > 0) & active).sum()
-        stats = {"clip_low": clip_low.item(), "clip_high": clip_high.item(), "kl_sum": (kl * n_toks).item(),
-                 "ratio_sum": (ratio_tok * m).sum().item(), "tokens": int(m.sum())}
-    return loss, stats
+    rank = segment_ranks(nl_tok, mask)  # [B, T]
+    live = mask.bool()
+    opens_overflow = live & ~eos_tok & (rank < n) & (rank + nl_tok >= n)
+    premature, stop_at_n, late = (eos_tok & live & c for c in (rank < n - 1, rank == n - 1, rank >= n))
+    adv_tok = adv_rank.gather(1, rank.clamp(0, n - 1))  # [B, T]
+    adv_tok = torch.where(rank >= n, torch.full_like(adv_tok, eps_o), adv_tok)
+    for decision, eps in ((opens_overflow, eps_o), (premature, eps_u), (stop_at_n, eps_n)):
+        adv_tok = torch.where(decision, torch.full_like(adv_tok, eps), adv_tok)
+    mask = mask.masked_fill(late, 0)
+    unit = 2 * rank.clamp(min=0) + (opens_overflow | premature | stop_at_n).long()
+    return adv_tok.masked_fill(mask == 0, 0.0), unit.masked_fill(mask == 0, 0), mask
 
+
+def ratio_units(unit_of_tok: torch.Tensor, level: str) -> torch.Tensor:
+    """The importance-ratio unit of every token: its rank unit (Rank-GRPO), its whole sequence
+    (GSPO) or itself (GRPO)."""
+    if level == "rank":
+        return unit_of_tok
+    if level == "sequence":
+        return torch.zeros_like(unit_of_tok)
+    return torch.arange(unit_of_tok.shape[1], device=unit_of_tok.device).expand_as(unit_of_tok)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The loss (Eq. 6, 7, 16): tensors in, tensors out; copy these three functions
+# ------------------------------------------------------------------------------------------------
 
 def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(lref - l) - (lref - l) - 1 >= 0."""
@@ -300,13 +219,56 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def unit_mean(values: torch.Tensor, unit: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `values` over the masked tokens of each unit, handed back to every token of the unit,
+    and the unit's token count. values, unit, mask [B, T] -> ([B, T], [B, T])."""
+    n_units = int(unit.max()) + 1 if unit.numel() else 1
+    m = mask.to(values.dtype)
+    zeros = torch.zeros(unit.shape[0], n_units, dtype=values.dtype, device=values.device)
+    sums, counts = zeros.scatter_add(1, unit, values * m), zeros.scatter_add(1, unit, m)
+    return (sums / counts.clamp(min=1)).gather(1, unit), counts.gather(1, unit)
+
+
+def rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask, *, eps_low: float, eps_high: float,
+                   beta: float, n_units: float, n_tokens: float, token_mean: bool = False):
+    """-(Eq. 6) + beta * KL, and detached statistics. All inputs [B, T]:
+
+    logp       log pi_theta of the sampled tokens (with gradient)
+    logp_old   log pi_old (logp.detach() on-policy), logp_ref log pi_ref (None when beta = 0)
+    adv        each token's advantage; unit: its ratio unit (a rank, a decision, the sequence, itself)
+    mask       1 on the tokens that enter the loss
+    Each unit's ratio is the geometric mean of its token ratios, w = exp(mean_t log(pi / pi_old)),
+    clipped to [1 - eps_low, 1 + eps_high]; the unit's tokens are averaged and the units summed,
+    then divided by `n_units` (G N for Rank-GRPO: Eq. 6's 1/(G N)). token_mean: every token weighs
+    1 / n_tokens instead (the released code). The KL is a mean over `n_tokens`. Pass the whole
+    optimizer step's n_units and n_tokens, and micro-batches add up to the full-batch loss.
+
+        unit = 2 * rank_of_tok.clamp(min=0)                  # one unit per line
+        loss, stats = rank_grpo_loss(logp, logp.detach(), logp_ref, adv, unit, mask, eps_low=0.06,
+                                     eps_high=0.08, beta=1e-3, n_units=G * N, n_tokens=mask.sum())
+        loss.backward()
+    """
+    m = mask.to(logp.dtype)
+    log_ratio_tok, unit_size = unit_mean(logp - logp_old, unit, mask)  # log w of the token's unit
+    ratio = torch.exp(log_ratio_tok)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    weight = m / n_tokens if token_mean else m / (unit_size.clamp(min=1) * n_units)
+    kl_tok = kl_k3(logp, logp_ref) * m if logp_ref is not None and beta > 0 else torch.zeros_like(m)
+    loss = -(surrogate * weight).sum() + beta * kl_tok.sum() / n_tokens
+    live = mask.bool()
+    stats = {"clip_low": ((ratio < 1 - eps_low) & (adv < 0) & live).sum(),
+             "clip_high": ((ratio > 1 + eps_high) & (adv > 0) & live).sum(),
+             "kl_sum": kl_tok.sum(), "ratio_sum": (ratio * m).sum(), "tokens": m.sum()}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
 # ------------------------------------------------------------------------------------------------
-# 4. Rollouts: sampling G lists per prompt and turning them into training tensors
+# 5. Rollouts: sampling G lists per prompt, and the micro-batches that train on them
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
 class Rollouts:
-    """A batch of sampled completions, G adjacent per prompt."""
+    """A batch of sampled completions, the G samples of a prompt adjacent."""
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]  # up to and including the first EOS (if any)
     has_eos: list[bool]
@@ -314,216 +276,152 @@ class Rollouts:
     rows: list[dict]
 
 
-@torch.no_grad()
-def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict], cfg: Config, eos_ids: list[int],
-                    min_new_tokens: int = 0) -> Rollouts:
-    """G samples per prompt from the current policy (= pi_old), in generate() calls of gen_batch_size.
-    With --compile the KV cache is static and prompts are padded to a multiple of 128 tokens, so the
-    compiled decoding step (CUDA graphs) is reused across calls instead of recompiled per shape."""
-    device = next(model.parameters()).device
-    prompt_ids = [p for p in prompts for _ in range(cfg.group_size)]
-    out = Rollouts(prompt_ids, [], [], [], [r for r in rows for _ in range(cfg.group_size)])
-    extra = {"cache_implementation": "static"} if cfg.compile else {}
+def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict], cfg: Config,
+                    eos_ids: list[int]) -> Rollouts:
+    """G samples per prompt from the current policy (= pi_old), decoded in batches of about
+    --gen-batch-size sequences; the prompt of a group is run once."""
+    per_call = max(1, cfg.gen_batch_size // cfg.group_size)  # prompts per decoding batch
     model.eval()
-    for s in range(0, len(prompt_ids), cfg.gen_batch_size):
-        ids, attn = common.left_pad(prompt_ids[s:s + cfg.gen_batch_size], tok.pad_token_id)
-        if cfg.compile:
-            more = -ids.shape[1] % 128
-            ids = torch.nn.functional.pad(ids, (more, 0), value=tok.pad_token_id)
-            attn = torch.nn.functional.pad(attn, (more, 0), value=0)
-        with common.autocast(device):
-            seq = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                                 temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                 min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
-                                 pad_token_id=tok.pad_token_id, **extra)
-        comp = seq[:, ids.shape[1]:].cpu()
-        mask, has_eos = common.completion_mask(comp, eos_ids)
-        for c, m, e in zip(comp, mask, has_eos):
-            kept = c[m.bool()].tolist()
-            out.completion_ids.append(kept)
-            out.has_eos.append(bool(e))
-            out.texts.append(tok.decode(kept[:-1] if e else kept))
+    completions = []
+    for s in range(0, len(prompts), per_call):
+        completions += common.decode(model, prompts[s:s + per_call], cfg.max_new_tokens, eos_ids,
+                                     tok.pad_token_id, temperature=cfg.temperature, repeats=cfg.group_size,
+                                     compile=cfg.compile)
     model.train()
+    has_eos = [bool(c) and c[-1] in eos_ids for c in completions]
+    texts = [tok.decode(c[:-1] if e else c) for c, e in zip(completions, has_eos)]
+    G = cfg.group_size
+    return Rollouts([p for p in prompts for _ in range(G)], completions, has_eos, texts,
+                    [r for r in rows for _ in range(G)])
+
+
+def micro_batches(ro: Rollouts, adv_rank: torch.Tensor, nl_table: torch.Tensor, n: int, level: str,
+                  cfg: Config, pad_id: int, device) -> list[tuple[common.Batch, dict]]:
+    """The step's micro-batches of --micro-batch-size sequences (whole groups share a prompt pass),
+    each with its per-token advantages, ratio units and loss mask."""
+    out = []
+    for s in range(0, len(ro.completion_ids), cfg.micro_batch_size):
+        idx = list(range(s, min(s + cfg.micro_batch_size, len(ro.completion_ids))))
+        batch = common.make_batch([ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx],
+                                  pad_id).to(device)
+        lengths = batch.completion_mask.sum(1)  # [b]
+        eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)  # [b, T]: the EOS, if any
+        ends = torch.tensor([ro.has_eos[i] for i in idx], device=device).nonzero().squeeze(1)
+        eos_tok[ends, lengths[ends] - 1] = True
+        nl_tok = nl_table.to(device)[batch.completion_ids]
+        adv, unit, mask = length_rules(adv_rank[idx].to(device), nl_tok, eos_tok, batch.completion_mask, n,
+                                       cfg.eps_u, cfg.eps_o, cfg.eps_n)
+        out.append((batch, {"adv": adv, "unit": ratio_units(unit, level), "mask": mask}))
     return out
 
 
-def micro_batch(ro: Rollouts, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Tensors for sequences `idx`: left-padded prompt + right-padded completion, masks from lengths."""
-    ids_p, attn_p = common.left_pad([ro.prompt_ids[i] for i in idx], pad_id)
-    T = max(1, max(len(ro.completion_ids[i]) for i in idx))
-    comp = torch.full((len(idx), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(idx), T), dtype=torch.long)
-    eos_tok = torch.zeros((len(idx), T), dtype=torch.bool)
-    for j, i in enumerate(idx):
-        c = ro.completion_ids[i]
-        comp[j, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[j, :len(c)] = 1
-        if ro.has_eos[i]:
-            eos_tok[j, len(c) - 1] = True
-    batch = {"ids": torch.cat([ids_p, comp], 1), "attn": torch.cat([attn_p, mask], 1),
-             "comp": comp, "mask": mask, "eos_tok": eos_tok}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 # ------------------------------------------------------------------------------------------------
-# 5. One step: sample, reward, score, update
+# 6. One step, and the training loop
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class Run:
-    """What every step needs, fixed for the run."""
-    policy: torch.nn.Module
-    ref: torch.nn.Module | None
-    tok: object
-    optimizer: torch.optim.Optimizer
-    catalog: common.Catalog
-    n: int
-    level: str
-    reward_kind: str
-    eps_low: float
-    eps_high: float
-    eos_ids: list[int]
-    nl_table: torch.Tensor
-    device: torch.device
-    world: int = 1
+def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog, prompts: list[list[int]],
+            rows: list[dict], nl_table: torch.Tensor) -> tuple[dict, Rollouts, torch.Tensor]:
+    """One batch of rollouts and cfg.mu policy updates on it. `prompts`/`rows` are this process's
+    share of the step's prompts (whole groups). Returns the step's record (summed over processes),
+    the rollouts and their per-rank rewards [B, N]."""
+    device, n, world = next(policy.parameters()).device, cfg.n_items, common.world_size()
+    level, _, _, _ = ALGOS[cfg.algo]
+    amp = cfg.bf16 and common.bf16_native(device)
+    share = not cfg.grad_checkpointing  # the checkpointed layers drop the cache a shared prompt needs
+    timer = {}
 
-
-def rl_step(run: Run, prompts: list[list[int]], rows: list[dict], cfg: Config,
-            min_new_tokens: int = 0) -> tuple[dict, Rollouts, torch.Tensor]:
-    """One batch of rollouts and mu policy updates on it. `prompts`/`rows` are this process's share
-    of the step's prompts (whole groups: the G samples of a prompt stay in one process). Returns the
-    step's record (summed over processes), the rollouts and their rewards."""
-    # 1. Sample G lists per prompt from pi_old (= the current policy).
+    # 1. G lists per prompt from pi_old, the current policy.
     t0 = time.time()
-    ro = sample_rollouts(run.policy, run.tok, prompts, rows, cfg, run.eos_ids, min_new_tokens)
-    t_sample = time.time() - t0
-    record, rewards = learn_from(run, ro, cfg)
-    timers = {"t_sample": t_sample, **{k: v for k, v in record.items() if k.startswith("t_")}}
-    return {**{k: v for k, v in record.items() if not k.startswith("t_")}, **timers}, ro, rewards
+    ro = sample_rollouts(policy, tok, prompts, rows, cfg, common.eos_token_ids(tok, policy))
+    timer["t_sample"], t0 = time.time() - t0, time.time()
 
-
-def learn_from(run: Run, ro: Rollouts, cfg: Config) -> tuple[dict, torch.Tensor]:
-    """Rewards, advantages, log-probs and mu policy updates for sampled rollouts (steps 2-5)."""
-    n, device = run.n, run.device
-
-    # 2. Rewards per rank (Eq. 8/9) and advantages normalised per rank across the G samples.
-    t0 = time.time()
-    rel = rank_relevance(ro.texts, ro.rows, run.catalog, n)  # [B, N]
-    rewards = rank_rewards(rel, run.reward_kind)  # [B, N]
+    # 2. Rewards per rank (Eq. 8/9) and advantages normalised per rank across the G samples (Eq. 6).
+    rel = rank_relevance(ro.texts, ro.rows, catalog, n)  # [B, N]
+    rewards = rank_rewards(rel, cfg.reward)  # [B, N]
     adv_rank = group_advantages(rewards, cfg.group_size)  # [B, N]
-    B = len(ro.texts)
-    chunks = [list(range(s, min(s + cfg.micro_batch_size, B))) for s in range(0, B, cfg.micro_batch_size)]
-    batches = [micro_batch(ro, idx, run.tok.pad_token_id, device) for idx in chunks]
-    for b, idx in zip(batches, chunks):
-        b["rank"] = segment_ranks(b["comp"], b["mask"], run.nl_table)  # [b, T]
-        b["rank"], b["mask"] = drop_late_eos(b["rank"], b["mask"], b["eos_tok"], n)
-        b["adv"] = token_advantages(adv_rank[idx].to(device), b["rank"], b["eos_tok"], n, cfg.eps_u, cfg.eps_o)
-        if cfg.decision_units:
-            b["rank"] = decision_units(b["rank"], b["eos_tok"], n)  # ratio units of the loss
-    # The normalisers of the whole step (every process), fixed before the first backward.
-    n_seqs = B * run.world
-    n_toks = int(common.all_sum([sum(len(c) for c in ro.completion_ids)], device)[0])
-    t_score = time.time() - t0
 
-    # 3. Old and reference log-probs, without gradients. On-policy (mu = 1) pi_old is the policy
-    # itself, so its log-probs are the detached ones of the update below (every ratio is exactly 1).
-    t0 = time.time()
-    with torch.no_grad():
-        for b in batches:
-            T = b["comp"].shape[1]
-            with common.autocast(device):
-                if cfg.mu > 1:
-                    b["logp_old"] = common.completion_logprobs(run.policy, b["ids"], b["attn"], T, temperature=cfg.temperature)
-                if run.ref is not None:
-                    b["logp_ref"] = common.completion_logprobs(run.ref, b["ids"], b["attn"], T, temperature=cfg.temperature)
-    t_ref = time.time() - t0
+    # 3. Tokens -> ranks, advantages, ratio units, the length rules; the step's normalisers.
+    batches = micro_batches(ro, adv_rank, nl_table, n, level, cfg, tok.pad_token_id, device)
+    n_seqs, n_tokens = common.all_sum([len(ro.texts), sum(int(b["mask"].sum()) for _, b in batches)], device)
+    n_units = {"rank": n_seqs * n, "sequence": n_seqs, "token": n_tokens}[level]
+    timer["t_score"], t0 = time.time() - t0, time.time()
 
-    # 4. mu policy updates on this batch of rollouts, each with manual gradient accumulation and one
-    # all-reduce of the gradients over the processes.
-    t0 = time.time()
-    sums = {"clip_low": 0, "clip_high": 0, "kl_sum": 0.0, "ratio_sum": 0.0, "tokens": 0}
+    # 4. Old and reference log-probs, no gradient. On-policy (mu = 1) pi_old is the policy itself:
+    # its log-probs are the detached ones of the update (every ratio exactly 1).
+    with torch.no_grad(), common.autocast(device, amp):
+        for batch, b in batches:
+            if cfg.mu > 1:
+                b["logp_old"] = common.completion_logprobs(policy, batch, cfg.temperature, share)
+            if ref is not None:
+                b["logp_ref"] = common.completion_logprobs(ref, batch, cfg.temperature, share)
+    timer["t_ref"], t0 = time.time() - t0, time.time()
+
+    # 5. mu policy updates, each accumulated over the micro-batches, then one all-reduce and step.
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(cfg.mu):
-        for b in batches:
-            with common.autocast(device):
-                logp = common.completion_logprobs(run.policy, b["ids"], b["attn"], b["comp"].shape[1],
-                                                 temperature=cfg.temperature)
-            loss, st = rank_grpo_loss(
-                logp, b["logp_old"] if cfg.mu > 1 else logp.detach(), b.get("logp_ref"), b["adv"], b["rank"],
-                b["mask"], eps_low=run.eps_low, eps_high=run.eps_high, beta=cfg.beta, n_ranks=n, level=run.level,
-                aggregation=cfg.aggregation, n_seqs=n_seqs, n_toks=n_toks)
+        for batch, b in batches:
+            with common.autocast(device, amp):
+                logp = common.completion_logprobs(policy, batch, cfg.temperature, share)  # [b, T]
+            loss, stats = rank_grpo_loss(
+                logp, b["logp_old"] if cfg.mu > 1 else logp.detach(), b.get("logp_ref"), b["adv"], b["unit"],
+                b["mask"], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, n_units=n_units,
+                n_tokens=n_tokens, token_mean=cfg.aggregation == "released" or level == "token")
             loss.backward()
-            for k in sums:
-                sums[k] += st[k]
-        common.all_reduce_grads(run.policy)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm).item()
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    t_train = time.time() - t0
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v
+        common.all_reduce_grads(policy)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):  # never let a NaN or inf into the weights
+            raise FloatingPointError(f"the gradient norm is {grad_norm.item()}; the policy was not updated")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    timer["t_train"] = time.time() - t0
 
-    # 5. The step's record: sums over this process's samples, added up over the processes.
+    # The step's record: sums over this process's samples, added up over the processes.
     ndcg = [common.ndcg_at_k(r.tolist(), max(1, len(row["groundtruth_with_release_year"])), n)
             for r, row in zip(rel, ro.rows)]
-    judged = [common.score_completion(t, r, run.catalog, n, ks=()) for t, r in zip(ro.texts, ro.rows)]
-    ranks_shown = [k for k in sorted({1, 5, 10, n}) if k <= n]
-    local = {"reward": rewards.mean(1).sum().item(),
-             **{f"reward@{k}": rewards[:, k - 1].sum().item() for k in ranks_shown},
-             "ndcg": sum(ndcg), "in_catalog": sum(j["in_catalog_rate"] for j in judged),
-             "valid": sum(j["valid_rate"] for j in judged), "items": sum(j["n_lines"] for j in judged)}
-    total = dict(zip(list(local) + list(sums), common.all_sum(list(local.values()) + list(sums.values()), device)))
+    judged = [common.score_completion(t, r, catalog, n, ks=()) for t, r in zip(ro.texts, ro.rows)]
+    shown = sorted({k for k in (1, 5, 10, n) if k <= n})
+    per_sample = {"reward": rewards.mean(1).sum().item(),
+                  **{f"reward@{k}": rewards[:, k - 1].sum().item() for k in shown},
+                  "ndcg": sum(ndcg), "in_catalog": sum(j["in_catalog_rate"] for j in judged),
+                  "valid": sum(j["valid_rate"] for j in judged), "items": sum(j["n_lines"] for j in judged),
+                  "exact_n": sum(j["exact_n"] for j in judged), "len": sum(len(c) for c in ro.completion_ids)}
+    per_token = {k: v.item() / cfg.mu for k, v in sums.items()}  # clip_low, clip_high, kl_sum, ...
+    total = dict(zip([*per_sample, *per_token], common.all_sum([*per_sample.values(), *per_token.values()],
+                                                               device)))
+    record = {k: total[k] / n_seqs for k in per_sample}
     tokens = max(1.0, total["tokens"])
-    record = {k: total[k] / n_seqs for k in local}
     record.update({"kl": total["kl_sum"] / tokens, "clip_low": total["clip_low"] / tokens,
                    "clip_high": total["clip_high"] / tokens, "ratio": total["ratio_sum"] / tokens,
-                   "grad_norm": grad_norm, "len": n_toks / n_seqs,
-                   "t_score": t_score, "t_ref": t_ref, "t_train": t_train})
-    return record, rewards
+                   "grad_norm": grad_norm.item(), **timer})
+    return record, ro, rewards
 
 
-def validate(model, tok, rows, catalog, n, cfg: Config) -> dict[str, float]:
+def validate(model, tok, rows, catalog, cfg: Config) -> dict[str, float]:
     """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit val conversations."""
     texts = common.generate_for_rows(model, tok, rows, cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
                                      max_prompt_tokens=cfg.max_prompt_tokens, progress="validation")
-    ks = [k for k in common.cutoffs(n) if k in (5, 10, n)]
-    _, s = common.score_texts(texts, rows, catalog, n, ks)
+    ks = [k for k in common.cutoffs(cfg.n_items) if k in (5, 10, cfg.n_items)]
+    _, s = common.score_texts(texts, rows, catalog, cfg.n_items, ks)
     out = {}
     for k in ks:
         out[f"val_recall@{k}"], out[f"val_ndcg@{k}"] = s[f"recall@{k}_filtered"], s[f"ndcg@{k}_filtered"]
+    out["val_exact_n"] = s["exact_n"]
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Training
-# ------------------------------------------------------------------------------------------------
-
-def make_run(cfg: Config, policy, ref, tok, catalog, n: int, device, world: int) -> Run:
-    level, reward_kind, eps_low, eps_high = ALGOS[cfg.algo]
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    return Run(policy, ref, tok, optimizer, catalog, n, level, cfg.reward or reward_kind, cfg.eps_low or eps_low,
-               cfg.eps_high or eps_high, common.eos_token_ids(tok, policy),
-               newline_table(tok, policy.get_output_embeddings().weight.shape[0]), device, world)
-
-
-def main(argv=None) -> None:
-    cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
-    if cfg.benchmark:
-        return benchmark(cfg)
-    n = common.data_n(cfg.data_dir, cfg.n_items)
+def resolve(cfg: Config, n: int) -> Config:
+    """Fill the settings that depend on others: N, the completion cap, the algo's reward and clip."""
+    _, reward, eps_low, eps_high = ALGOS[cfg.algo]
+    cfg.n_items = n
     cfg.max_new_tokens = cfg.max_new_tokens or 16 * n + 16
-    rank, world, device = common.setup_distributed(cfg.cpu)
-    if cfg.prompts_per_step % world:
-        raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} processes")
-    common.seed_everything(cfg.seed + rank)  # each process samples its own completions
-    out, main_process = Path(cfg.out), rank == 0
+    cfg.reward, cfg.eps_low, cfg.eps_high = cfg.reward or reward, cfg.eps_low or eps_low, cfg.eps_high or eps_high
+    return cfg
 
-    # 1. Data and models. The policy keeps fp32 master weights (bf16 autocast on CUDA: lr 1e-6 on
-    # bf16 weights would round away); the frozen reference only needs bf16 on CUDA.
-    catalog = common.Catalog.load(Path(cfg.data_dir) / "catalog.jsonl")
-    train = common.read_rows(Path(cfg.data_dir) / "train.jsonl", "run 01_catalog.py first")
-    val = common.first_conversations(common.read_rows(Path(cfg.data_dir) / "val.jsonl", "run 01_catalog.py first"),
-                                     cfg.val_limit)
-    if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
-        raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
+
+def load_models(cfg: Config, device):
+    """The policy (fp32 master weights) and the frozen reference (bf16 on CUDA; None when beta = 0)."""
     policy, tok = common.load_model(cfg.model, device=device)
     ref = None
     if cfg.beta > 0:
@@ -532,67 +430,107 @@ def main(argv=None) -> None:
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
-    run = make_run(cfg, policy, ref, tok, catalog, n, device, world)
+    return policy, ref, tok
+
+
+def make_optimizer(cfg: Config, policy):
+    """AdamW (the paper's beta2) and the constant schedule with the optional drop."""
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=True)
+    drop = cfg.lr_drop / cfg.lr
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: drop if cfg.lr_drop_step and s >= cfg.lr_drop_step else 1.0)
+    return optimizer, schedule
+
+
+def main(argv=None) -> None:
+    cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
+    if cfg.benchmark:
+        return benchmark(cfg)
+    cfg = resolve(cfg, common.data_n(cfg.data_dir, cfg.n_items))
+    rank, world, device = common.setup_distributed(cfg.cpu)
+    if cfg.prompts_per_step % world:
+        raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} processes")
+    common.seed_everything(cfg.seed + rank)  # each process samples its own completions
+    out, main_process = Path(cfg.out), rank == 0
+
+    # 1. Data and models.
+    catalog = common.Catalog.load(Path(cfg.data_dir) / "catalog.jsonl")
+    train = common.read_rows(Path(cfg.data_dir) / "train.jsonl", "run 01_catalog.py first")
+    val = common.first_conversations(common.read_rows(Path(cfg.data_dir) / "val.jsonl", "run 01_catalog.py first"),
+                                     cfg.val_limit)
+    if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
+        raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
+    policy, ref, tok = load_models(cfg, device)
+    optimizer, schedule = make_optimizer(cfg, policy)
+    nl_table = newline_table(tok, policy.get_output_embeddings().weight.shape[0])
     if main_process:
-        print(f"policy {cfg.model} on {device} x {world} process(es), {sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M "
-              f"params; ref {cfg.ref_model or cfg.model if ref is not None else 'none'}; algo {cfg.algo}: {run.level}-level "
-              f"ratio, {run.reward_kind} reward, clip [{1 - run.eps_low:g}, {1 + run.eps_high:g}], N={n}, G={cfg.group_size}")
+        level = ALGOS[cfg.algo][0]
+        print(f"policy {cfg.model} on {device} x {world} process(es), "
+              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params, bf16 autocast "
+              f"{'on' if cfg.bf16 and common.bf16_native(device) else 'off'}; ref "
+              f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}; algo {cfg.algo}: {level}-level "
+              f"ratio, {cfg.reward} reward, clip [{1 - cfg.eps_low:g}, {1 + cfg.eps_high:g}], "
+              f"N={cfg.n_items}, G={cfg.group_size}")
         print(f"read {len(train)} train rows, {len(val)} val rows, {len(catalog)} catalog items")
 
-    drop = cfg.lr_drop / cfg.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        run.optimizer, lambda s: drop if cfg.lr_drop_step and s >= cfg.lr_drop_step else 1.0)
     order = torch.Generator().manual_seed(cfg.seed)  # the same prompt order in every process
     perm, pos, start = torch.randperm(len(train), generator=order).tolist(), 0, 0
     if main_process:
         common.start_run(out, cfg, cfg.resume, TRAJECTORY)
     common.barrier()
     if cfg.resume:
-        state = common.load_checkpoint(out / "checkpoint", policy, run.optimizer, scheduler)
+        state = common.load_checkpoint(out / "checkpoint", policy, optimizer, schedule)
         start, pos, perm = state["step"], state["pos"], state["perm"]
         order.set_state(state["order"])
         if main_process:
             print(f"resumed from {out}/checkpoint at step {start}")
-    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=start if cfg.resume else None) \
-        if main_process else None
+    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=start if cfg.resume else None,
+                         show=SHOW) if main_process else None
     if start == 0 and cfg.val_every and main_process:
-        log.log(0, validate(policy, tok, val, catalog, n, cfg))
+        log.log(0, validate(policy, tok, val, catalog, cfg))
 
     for step in range(start + 1, cfg.steps + 1):
-        # 2. The prompts of this step: the next rows of a shuffled pass over train; this process takes
-        # every world-th of them.
+        # 2. This step's prompts: the next rows of a shuffled pass over train; this process takes
+        # every world-th of them (whole groups).
         if pos + cfg.prompts_per_step > len(perm):
             perm, pos = torch.randperm(len(train), generator=order).tolist(), 0
         rows = [train[i] for i in perm[pos:pos + cfg.prompts_per_step]][rank::world]
         pos += cfg.prompts_per_step
         prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
 
-        # 3. Sample, reward, score and update (section 5 above).
-        lr = scheduler.get_last_lr()[0]
-        record, ro, rewards = rl_step(run, prompts, rows, cfg)
-        scheduler.step()
-
-        # 4. One line per step (same keys every step), a real sample now and then, validation.
+        # 3. Sample, reward, update (rl_step), then one line per step and now and then a real sample.
+        lr = schedule.get_last_lr()[0]
+        try:
+            record, ro, rewards = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows, nl_table)
+        except FloatingPointError as e:
+            raise common.DataError(f"step {step}: {e}") from None
+        schedule.step()
         if main_process:
             log.log(step, {**record, "lr": lr})
             if cfg.sample_every and step % cfg.sample_every == 0:
-                print(common.render_list(ro.texts[0], ro.rows[0], catalog, n, rewards[0].tolist()))
+                print(common.render_list(ro.texts[0], ro.rows[0], catalog, cfg.n_items, rewards[0].tolist()))
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                log.log(step, validate(policy, tok, val, catalog, n, cfg))
+                log.log(step, validate(policy, tok, val, catalog, cfg))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            common.save_checkpoint(out / "checkpoint", policy, tok, run.optimizer, scheduler,
+            common.save_checkpoint(out / "checkpoint", policy, tok, optimizer, schedule,
                                    {"step": step, "pos": pos, "perm": perm, "order": order.get_state()})
         common.barrier()
 
-    # 5. The final policy, loadable with from_pretrained / common.load_model.
+    # 4. The final policy, loadable with from_pretrained / common.load_model.
     if main_process:
         common.save_model(policy, tok, out)
         print(f"wrote {out}/ (model, run_config.json, log.jsonl, checkpoint/)")
     common.barrier()
 
 
+# The keys of the printed step line (everything goes to log.jsonl): what a reader watches.
+SHOW = ("reward", "reward@1", "ndcg", "items", "exact_n", "kl", "clip_low", "clip_high", "grad_norm",
+        "t_sample", "t_train", "val_recall@10", "val_ndcg@10", "val_exact_n")
+
+
 # ------------------------------------------------------------------------------------------------
-# 7. Benchmark: a full step at a given scale, on a randomly initialised model of a real architecture
+# Appendix: a benchmark of full steps on a randomly initialised model of a real architecture
 # ------------------------------------------------------------------------------------------------
 
 ARCHS = {  # shapes of the released configs (weights are random: only speed and memory are measured)
@@ -609,10 +547,10 @@ ARCHS = {  # shapes of the released configs (weights are random: only speed and 
 
 class SyntheticTokenizer:
     """Stands in for a tokenizer of any vocabulary size: token v reads 'w{v}', every 16th token is a
-    newline, so sampled lists have ranks. Enough for sampling, segmentation and rewards."""
+    newline, so sampled lists have ranks; there is no EOS, so every completion is max_new_tokens long."""
 
     def __init__(self, vocab_size: int):
-        self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, 0, 1
+        self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, 0, None
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -624,18 +562,14 @@ class SyntheticTokenizer:
         return [self.decode(s) for s in seqs]
 
 
-def benchmark(cfg: Config) -> None:
-    """Seconds per step split into sampling / scoring / old+ref log-probs / training, tokens per
-    second and peak memory, for --prompts-per-step x --group-size rollouts of exactly --max-new-tokens
-    tokens after prompts of --benchmark-prompt-tokens tokens."""
-    import resource
+def benchmark_setup(cfg: Config, device):
+    """A random policy and reference of --benchmark's shape, its synthetic tokenizer, rows, prompts."""
     import transformers
-    rank, world, device = common.setup_distributed(cfg.cpu)
-    common.seed_everything(cfg.seed + rank)
     cls_name, shape = ARCHS[cfg.benchmark]
-    config = getattr(transformers, cls_name)(**shape, max_position_embeddings=32768, bos_token_id=0, eos_token_id=1,
-                                             pad_token_id=0)
+    config = getattr(transformers, cls_name)(**shape, max_position_embeddings=32768, bos_token_id=0,
+                                             pad_token_id=0, eos_token_id=None)
     policy = transformers.AutoModelForCausalLM.from_config(config).to(device)
+    policy.generation_config = transformers.GenerationConfig(pad_token_id=0)
     ref = None
     if cfg.beta > 0:
         ref = transformers.AutoModelForCausalLM.from_config(config).to(device, torch.bfloat16 if device.type == "cuda"
@@ -644,44 +578,56 @@ def benchmark(cfg: Config) -> None:
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
-    tok = SyntheticTokenizer(config.vocab_size)
-    policy.generation_config = transformers.GenerationConfig(pad_token_id=0, eos_token_id=1)
+    local = cfg.prompts_per_step // common.world_size()
+    rows = [{"id": f"bench#{i}", "seen_titles": [], "groundtruth_with_release_year": [["w17", "1995"]]}
+            for i in range(local)]
+    return policy, ref, SyntheticTokenizer(config.vocab_size), rows
+
+
+def benchmark(cfg: Config) -> None:
+    """Seconds per step by phase, tokens per second and peak memory for --prompts-per-step x
+    --group-size rollouts of exactly --max-new-tokens tokens after --benchmark-prompt-tokens."""
+    import resource
+    rank, world, device = common.setup_distributed(cfg.cpu)
+    common.seed_everything(cfg.seed + rank)
     cfg.max_new_tokens = cfg.max_new_tokens or 300
-    catalog = common.Catalog([{"title": "Heat", "year": 1995}])
-    run = make_run(cfg, policy, ref, tok, catalog, cfg.n_items or common.N_ITEMS, device, world)
-    local_prompts = cfg.prompts_per_step // world
+    cfg = resolve(cfg, cfg.n_items or common.N_ITEMS)
+    policy, ref, tok, rows = benchmark_setup(cfg, device)
+    optimizer, _ = make_optimizer(cfg, policy)
+    nl_table = newline_table(tok, len(tok))
+    catalog = common.Catalog([{"title": "w17", "year": 1995}])
     g = torch.Generator().manual_seed(cfg.seed + rank)
-    rows = [{"id": f"bench#{i}", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}
-            for i in range(local_prompts)]
-    print(f"benchmark {cfg.benchmark} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params) on {device} "
-          f"x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, {cfg.benchmark_prompt_tokens} prompt "
-          f"+ {cfg.max_new_tokens} new tokens, micro-batch {cfg.micro_batch_size}, compile {cfg.compile}")
+    print(f"benchmark {cfg.benchmark} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params) on "
+          f"{device} x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
+          f"{cfg.benchmark_prompt_tokens} prompt + {cfg.max_new_tokens} new tokens, micro-batch "
+          f"{cfg.micro_batch_size}, bf16 {cfg.bf16 and common.bf16_native(device)}, compile {cfg.compile}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    phases = ("t_step", "t_sample", "t_score", "t_ref", "t_train")
     times = []
-    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, compilation) and is not counted
-        prompts = torch.randint(2, config.vocab_size, (local_prompts, cfg.benchmark_prompt_tokens), generator=g).tolist()
+    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, compilation), not counted
+        prompts = torch.randint(1, len(tok), (len(rows), cfg.benchmark_prompt_tokens), generator=g).tolist()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.time()
-        record, _, _ = rl_step(run, prompts, rows, cfg, min_new_tokens=cfg.max_new_tokens)
+        record, _, _ = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows, nl_table)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         record["t_step"] = time.time() - t0
         if step > 0:
             times.append(record)
         if rank == 0:
-            print(f"step {step} ({'warm-up' if step == 0 else 'timed'}): " + " | ".join(
-                f"{k} {record[k]:.2f}s" for k in ("t_step", "t_sample", "t_score", "t_ref", "t_train")))
+            print(f"step {step} ({'warm-up' if step == 0 else 'timed'}): "
+                  + " | ".join(f"{k} {record[k]:.2f}s" for k in phases))
     if rank == 0:
-        mean = {k: sum(t[k] for t in times) / len(times) for k in ("t_step", "t_sample", "t_score", "t_ref", "t_train")}
+        mean = {k: sum(t[k] for t in times) / len(times) for k in phases}
         new_tokens = cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens
         peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = sampling {mean['t_sample']:.2f} + scoring "
-              f"{mean['t_score']:.2f} + old/ref log-probs {mean['t_ref']:.2f} + training {mean['t_train']:.2f}; "
-              f"{new_tokens / mean['t_sample']:.0f} sampled tokens/s, {new_tokens / mean['t_step']:.0f} tokens/s "
-              f"per step; peak memory {peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU max RSS'})")
+        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = sampling {mean['t_sample']:.2f} + "
+              f"scoring {mean['t_score']:.2f} + old/ref log-probs {mean['t_ref']:.2f} + training "
+              f"{mean['t_train']:.2f}; {new_tokens / mean['t_sample']:.0f} sampled tokens/s; peak memory "
+              f"{peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU max RSS'})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ table, and every model minus every earlier one, paired on the rows both scored),
 hit_rate_per_rank.png and training_<name>.png.
 
 Deviations from the paper and the released code:
-  1. IDCG@k is the textbook one, over min(k, |GT|) relevant items (PAPER.md section 3). The released
+  1. IDCG@k is the textbook one, over min(k, |GT|) relevant items (docs/method.md, 'Metrics'). The released
      code truncates IDCG to the length of the filtered list, which inflates the NDCG of short lists:
      a model that outputs one correct item and nothing else would score a perfect NDCG there.
   2. Two protocols. "filtered" is the paper's and the headline: seen, invalid and out-of-catalog

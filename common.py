@@ -2,7 +2,7 @@
 
 What lives here (and nothing else):
   1. config: a dataclass -> argparse bridge, so every script has the same flag style
-  2. the task: the instruction prompt, the output format, the line parser (PAPER.md sections 1-2)
+  2. the task: the instruction prompt, the output format, the line parser (Eq. 1; docs/method.md)
   3. the catalog and the relevance of each rank (section 2)
   4. metrics: Recall@k / NDCG@k under the "filtered" and "aligned" protocols (section 3)
   5. files: JSONL with file:line errors, atomic writes, row validation
@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-N_ITEMS = 20  # N, the length of the recommendation list (PAPER.md section 1)
+N_ITEMS = 20  # N, the length of the recommendation list (Eq. 1)
 YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2 (section 2)
 KS = (5, 10, 15, 20)  # cut-offs reported by the paper (section 3)
 
@@ -46,11 +46,29 @@ def cutoffs(n: int) -> list[int]:
 # 1. Config: a dataclass whose fields carry a default and a one-line help; flags are --field-name.
 # ------------------------------------------------------------------------------------------------
 
-def arg(default: Any, help: str) -> Any:
-    """A Config field with its help text (the text becomes the --flag's help)."""
+def arg(default: Any, help: str, choices: Sequence[Any] | None = None, within: str | None = None) -> Any:
+    """A Config field with its help text, optionally its allowed values (`choices`) or interval
+    (`within`, e.g. "[1, inf)" or "(0, 1)"); argparse rejects anything else before work starts."""
+    meta = {"help": help, "choices": choices, "within": within}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _interval(spec: str, kind: type) -> Callable[[str], Any]:
+    """argparse type for a number in an interval like "[2, inf)" or "(0, 1]"."""
+    lo_closed, lo, hi, hi_closed = spec[0] == "[", *map(float, spec[1:-1].split(",")), spec[-1] == "]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}")
+        if not (math.isfinite(value) and (lo <= value if lo_closed else lo < value)
+                and (value <= hi if hi_closed else value < hi)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {spec}")
+        return value
+    return parse
 
 
 def parse_config(cls: type, argv: Sequence[str] | None = None, description: str | None = None):
@@ -60,16 +78,18 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
+        help_text, choices, within = (f.metadata.get(k) for k in ("help", "choices", "within"))
+        help_text = (help_text or "") + (f"; in {within}" if within else "")
         if isinstance(default, bool):
             parser.add_argument(flag, default=default, help=help_text, action=argparse.BooleanOptionalAction)
         elif isinstance(default, list):
             elem = type(default[0]) if default else str
-            parser.add_argument(flag, default=default, help=help_text, nargs="*", type=elem)
+            parser.add_argument(flag, default=default, help=help_text, nargs="*", type=elem, choices=choices)
         elif default is None:
             parser.add_argument(flag, default=None, help=help_text)
         else:
-            parser.add_argument(flag, default=default, help=help_text, type=type(default))
+            kind = _interval(within, type(default)) if within else type(default)
+            parser.add_argument(flag, default=default, help=help_text, type=kind, choices=choices)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -107,7 +127,7 @@ def require(path: str | os.PathLike, hint: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. The task: prompt, output format, parser (PAPER.md sections 1-2)
+# 2. The task: prompt, output format, parser (Eq. 1)
 # ------------------------------------------------------------------------------------------------
 
 def task_prompt(conversation: str, n: int = N_ITEMS) -> list[dict]:
@@ -132,33 +152,42 @@ def format_items(items: Iterable[tuple[str, int]]) -> str:
     return "\n".join(f"{title} ({int(year)})" for title, year in items)
 
 
-_LIST_MARKER = re.compile(r"^(?:\d{1,3}\s*[.)]|[-*+\u2022#>]+)\s+")
-_ITEM = re.compile(r"^(?P<title>.*?\S)\s*\((?P<year>\d{4})\)$")
-_EDGE = " \t*_\"'`\u201c\u201d\u2018\u2019"  # emphasis markers and quotes around a title or a line
+_LIST_MARKER = re.compile(r"^(?:\d{1,3}\s*[.)]|[-*+\u2022#>]+)\s+")  # "1." "2)" "-" "*" "#" ">"
+_EMPHASIS = " \t*_`~"  # markdown emphasis and code marks, and spaces, around a line or a title
+_YEAR = re.compile(r"\((\d{4})\)")
+_PAIRS = {'"': '"', "\u201c": "\u201d", "'": "'", "\u2018": "\u2019"}  # quotes that may wrap a title
 
 
 def parse_line(line: str) -> tuple[str, int] | None:
-    """One line of a completion -> (title, year), or None when it is not a 'Title (Year)' item.
+    """One line of a completion -> (title, year), or None when the line holds no item.
 
-    Tolerates list markers ('1.', '2)', '-', '*', '#'), markdown emphasis, quotes and trailing spaces.
-    The year is the last parenthesised 4-digit group and must end the line; a parenthesised part of
-    the title, as in 'Birdman or (The Unexpected Virtue of Ignorance) (2014)', stays in the title
-    (`norm_title` drops it for matching).
+    The rule (the same for training rewards and evaluation):
+      1. list markers ('1.', '2)', '-', '*', '+', bullets, '#', '>') and markdown emphasis ('**', '__',
+         '*', '_', backticks) are peeled off the start of the line, in any order and nesting;
+      2. the item ends at the first parenthesised four-digit year: 'Title (Year)'; whatever follows
+         on the line (' - a classic', ': great pacing') is a remark and is ignored;
+      3. the title is what precedes the year, emphasis marks and spaces trimmed, and one pair of
+         quotes removed only when it wraps the whole title ('"Heat"' -> 'Heat'), so titles that
+         begin or end with an apostrophe or a quote mark ("'Salem's Lot", "Breakin'") stay whole.
+    A parenthesised part of the title stays ('Birdman or (The Unexpected Virtue of Ignorance)');
+    `norm_title` drops it for matching.
     """
-    s = line.replace("\r", "").strip()
-    s = _LIST_MARKER.sub("", s).strip(_EDGE)
-    m = _ITEM.match(s)
+    s = line.replace("\r", "").strip(_EMPHASIS)
+    while (peeled := _LIST_MARKER.sub("", s).strip(_EMPHASIS)) != s:
+        s = peeled
+    m = _YEAR.search(s)
     if m is None:
         return None
-    title = m.group("title").strip(_EDGE)
-    title = re.sub(r"\s+", " ", title)
+    title = re.sub(r"\s+", " ", s[:m.start()].strip(_EMPHASIS))
+    if len(title) >= 2 and _PAIRS.get(title[0]) == title[-1] and title[0] not in title[1:-1]:
+        title = title[1:-1].strip()
     if not title:
         return None
-    return title, int(m.group("year"))
+    return title, int(m.group(1))
 
 
 def split_lines(text: str) -> list[str]:
-    """The ranks of a completion: rank k is the k-th piece of text.split('\\n') (PAPER.md section 2)."""
+    """The ranks of a completion: rank k is the k-th piece of text.split('\\n') (docs/method.md, 'Ranks')."""
     return text.split("\n")
 
 
@@ -168,15 +197,16 @@ def parse_completion(text: str) -> list[tuple[str, int] | None]:
 
 
 def norm_title(title: str) -> str:
-    """Title key for matching: parenthesised parts removed, curly quotes straightened, case folded,
-    whitespace collapsed."""
+    """Title key for matching: parenthesised parts removed, curly quotes straightened, quotes and
+    emphasis marks at either end dropped ("'Salem's Lot" and "Salem's Lot" are one key), case
+    folded, whitespace collapsed."""
     t = re.sub(r"\([^()]*\)", " ", title)
     t = t.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return re.sub(r"\s+", " ", t).strip().casefold()
+    return re.sub(r"\s+", " ", t).strip(" \"'" + _EMPHASIS).casefold()
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Catalog and relevance (PAPER.md section 2)
+# 3. Catalog and relevance (docs/method.md, 'Relevance')
 # ------------------------------------------------------------------------------------------------
 
 class Catalog:
@@ -226,7 +256,7 @@ def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str
       seen       the title was mentioned in the conversation
       in_catalog the item is in the catalog (title, year within tol)
       duplicate  the same catalog item appeared at an earlier rank
-      rel        rel_k of PAPER.md section 2: valid, unseen, in catalog, not a repeat, and matching a
+      rel        rel_k (docs/method.md, 'Relevance'): valid, unseen, in catalog, not a repeat, and matching a
                  ground-truth item not consumed by an earlier rank (each ground-truth item counts once)
     """
     seen_keys = {norm_title(t) for t in seen}
@@ -254,11 +284,6 @@ def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str
     return out
 
 
-def relevance(text: str, row: dict, catalog: Catalog) -> list[int]:
-    """rel_k for every line of a completion text, against a data row (its ground truth and seen titles)."""
-    return judge_lines(parse_completion(text), row_groundtruth(row), row["seen_titles"], catalog)["rel"]
-
-
 def render_list(text: str, row: dict, catalog: Catalog, n: int, rewards: Sequence[float] | None = None) -> str:
     """One generated list as a person reads it: each line marked + hit, . in catalog (not a hit),
     ? not in catalog, s seen, d repeat, x not a 'Title (Year)' line; lines past N marked 'over'.
@@ -279,7 +304,7 @@ def render_list(text: str, row: dict, catalog: Catalog, n: int, rewards: Sequenc
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Metrics (PAPER.md section 3)
+# 4. Metrics (docs/method.md, 'Metrics')
 # ------------------------------------------------------------------------------------------------
 
 def dcg(hits: Sequence[int], k: int) -> float:
@@ -301,7 +326,7 @@ def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
                      ks: Sequence[int] | None = None) -> dict[str, Any]:
     """Everything we measure about one completion for one row.
 
-    Two protocols (PAPER.md section 3):
+    Two protocols (docs/method.md, 'Metrics'):
       aligned   rank k is line k of the text; invalid, seen and out-of-catalog lines keep their slot
       filtered  the paper's: seen and out-of-catalog lines (invalid ones included) are removed first and
                 later items move up; then the first n are scored
@@ -691,89 +716,250 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the real completion tokens: everything up to and including the first EOS.
+class _BufferLayer:
+    """One layer's KV cache in a buffer allocated once for the whole generation: each step writes
+    its keys/values in place and attention reads a view of the filled part, instead of the
+    torch.cat of transformers' DynamicCache, which copies the whole cache at every token."""
 
-    completion_ids [B, T] -> (mask [B, T] bool, has_eos [B] bool). Built from the position of the
-    first EOS, not from the pad id, because the pad token may be the EOS token.
-    """
-    is_eos = torch.isin(completion_ids, torch.tensor(list(eos_ids), device=completion_ids.device))
-    has_eos = is_eos.any(dim=1)
-    T = completion_ids.shape[1]
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T, dtype=torch.long))
-    pos = torch.arange(T, device=completion_ids.device)[None, :]
-    return pos <= first[:, None], has_eos
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.length == 0:  # [B, heads, capacity, head_dim], dtype and device of the model
+            self.k = k.new_empty(k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.v = v.new_empty(v.shape[0], v.shape[1], self.capacity, v.shape[3])
+        n = k.shape[2]
+        self.k[:, :, self.length:self.length + n] = k
+        self.v[:, :, self.length:self.length + n] = v
+        self.length += n
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def select(self, rows: torch.Tensor) -> None:  # keep these sequences of the batch (or repeat them)
+        self.k, self.v = self.k[rows], self.v[rows]
+
+
+def _buffer_cache(model, capacity: int):
+    """A transformers Cache whose layers are _BufferLayer (for generation only, never under grad)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class Layer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.buffer = _BufferLayer(capacity)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.is_initialized = True
+            self.keys, self.values = self.buffer.update(key_states, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.buffer.length
+
+    return Cache(layers=[Layer() for _ in range(model.config.num_hidden_layers)])
+
+
+def _compiled_forward(model):
+    """model.forward compiled once per model for single-token steps on a static cache (--compile):
+    fixed shapes, so on CUDA the step is captured as a CUDA graph and replayed."""
+    if getattr(model, "_compiled_forward", None) is None:
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        model._compiled_forward = torch.compile(model.forward, mode=mode, dynamic=False)
+    return model._compiled_forward
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8,
-             max_prompt_tokens: int = 2048, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, progress: str | None = None) -> list[str]:
-    """Batched, left-padded generation; returns each completion's text up to its first EOS.
+def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, *,
+           greedy: bool = False, temperature: float = 1.0, repeats: int = 1,
+           compile: bool = False) -> list[list[int]]:
+    """Completions of `prompts` (token ids) as token lists, EOS included when one was written.
 
-    Greedy by default (the paper's evaluation). Prompts are sorted by length so a batch wastes
-    little padding; results come back in the input order.
+    greedy: argmax at every step (evaluation). Otherwise each token is drawn from
+    softmax(logits / temperature) over the whole vocabulary, nothing truncated or penalised, so
+    samples come from pi itself (generate() would add top_k=50 unless told otherwise).
+    repeats: completions per prompt (Rank-GRPO's G), returned adjacent; the prompt is run once and
+    its cache copied G times. Finished sequences leave the batch, so a long one does not keep the
+    short ones computing. compile: a static cache and a compiled step of fixed shapes instead
+    (prompts repeated, no early leaving), which pays off on a GPU.
     """
-    from tqdm import tqdm
     device = next(model.parameters()).device
+    if compile:
+        prompts, repeats = [p for p in prompts for _ in range(repeats)], 1
+    ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))
+    P = ids.shape[1]
+    if compile:
+        from transformers.cache_utils import StaticCache
+        cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    else:
+        cache = _buffer_cache(model, P + max_new_tokens)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(repeats)
+    logits, attn, pos = out.logits[:, -1].float()[rows], attn[rows], pos[rows, -1]
+    if repeats > 1:
+        for layer in cache.layers:
+            layer.buffer.select(rows)
+    if compile:
+        attn = torch.cat([attn, attn.new_zeros(len(rows), max_new_tokens)], dim=1)  # [B, P + T], static
+        step = _compiled_forward(model)
+    eos = torch.tensor(list(eos_ids), device=device, dtype=torch.long)
+    tokens = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
+    length = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=device)
+    alive = torch.arange(len(rows), device=device)  # which sequences the batch still holds
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+        done = torch.isin(nxt, eos) & ~finished
+        tokens[alive, t] = torch.where(finished, pad_id, nxt)
+        length[alive[done]] = t + 1
+        finished |= done
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        pos = pos + 1
+        if compile:  # fixed shapes: finished rows keep computing, their tokens are ignored
+            attn[:, P + t] = 1
+            logits = step(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
+                          use_cache=True).logits[:, -1].float()
+            continue
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            alive, nxt, attn, pos, finished = alive[keep], nxt[keep], attn[keep], pos[keep], finished[keep]
+            for layer in cache.layers:
+                layer.buffer.select(keep)
+        attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
+                       use_cache=True).logits[:, -1].float()
+    return [row[:n] for row, n in zip(tokens.cpu().tolist(), length.cpu().tolist())]
+
+
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
+             max_prompt_tokens: int = 2048, greedy: bool = True, temperature: float = 1.0,
+             progress: str | None = None) -> list[str]:
+    """Completion texts for chat prompts (EOS dropped), greedy by default (the paper's evaluation).
+    Prompts are sorted by length so a batch wastes little padding; texts come back in input order."""
+    from tqdm import tqdm
     eos = eos_token_ids(tok, model)
     encoded = encode_prompts(tok, prompts, max_prompt_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts: list[str] = [""] * len(encoded)
+    texts = [""] * len(encoded)
     was_training = model.training
     model.eval()
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, leave=False):
         idx = order[start:start + batch_size]
-        ids, attn = left_pad([encoded[i] for i in idx], tok.pad_token_id)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
-        with autocast(device):
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=tok.pad_token_id, **sampling)
-        comp = out[:, ids.shape[1]:].cpu()
-        mask, _ = completion_mask(comp, eos)
-        for row, i in enumerate(idx):
-            keep = [t for t, m in zip(comp[row].tolist(), mask[row].tolist()) if m and t not in eos]
-            texts[i] = tok.decode(keep, skip_special_tokens=False)
+        with autocast(next(model.parameters()).device):
+            completions = decode(model, [encoded[i] for i in idx], max_new_tokens, eos, tok.pad_token_id,
+                                 greedy=greedy, temperature=temperature)
+        for i, c in zip(idx, completions):
+            texts[i] = tok.decode([t for t in c if t not in eos], skip_special_tokens=False)
     model.train(was_training)
     return texts
 
 
-def _gather_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logits = lm_head(hidden).float() / temperature  # [B, c, V], fp32 for the normaliser
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+@dataclasses.dataclass
+class Batch:
+    """Sequences = a prompt followed by a completion, stored with each distinct prompt once.
+    prompt_ids, prompt_mask [U, P]: distinct prompts, left-padded; prompt_of [B]: the prompt row of
+    each sequence; completion_ids, completion_mask [B, T]: completions, right-padded."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_of: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in dataclasses.astuple(self)))
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                        chunk: int = 128, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of the last `n_completion` tokens of every sequence.
+def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    """Batch of (prompt, completion) id lists. Masks come from lengths, never from the pad id (pad
+    may be EOS, and EOS is a completion token the model must learn and be scored on)."""
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    row = {p: i for i, p in enumerate(distinct)}
+    prompt_ids, prompt_mask = left_pad([list(p) for p in distinct], pad_id)
+    T = max(1, max(len(c) for c in completions))
+    comp = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), T), dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, :len(c)] = 1
+    return Batch(prompt_ids, prompt_mask, torch.tensor([row[tuple(p)] for p in prompts]), comp, mask)
 
-    input_ids, attention_mask [B, L]: a left-padded prompt followed by the completion (padded on the
-    right). Returns [B, T], T = n_completion, in fp32. Two details matter:
-      - positions count real tokens only, as generate() does, so left padding does not shift them
-        (otherwise the log-probs here would differ from the policy that sampled the completion);
-      - the vocabulary projection runs chunk by chunk and, when gradients are on, under activation
-        checkpointing: no [B, T, V] tensor is ever built and nothing of size V is kept for backward
-        (with a 49k-152k vocabulary that tensor is the largest thing in the step).
-    `temperature` divides the logits, so the log-probs are those of the distribution generate()
-    sampled from at that temperature (top-p truncation is not modelled).
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(h W^T / temperature)[y] for one chunk of positions, keeping no [N, V] tensor:
+    backward recomputes the logits and forms softmax - one-hot in place (the fused linear
+    cross-entropy trick). h [..., H], weight [V, H] (in the matmul dtype), y [...] -> [...] fp32."""
+
+    @staticmethod
+    def _logits(h, weight, temperature):
+        logits = h.to(weight.dtype) @ weight.T  # [..., V], normalised in fp32 (or fp64)
+        logits = logits.float() if logits.element_size() < 4 else logits
+        return logits.div_(temperature) if temperature != 1 else logits
+
+    @staticmethod
+    def forward(ctx, h, weight, y, temperature):
+        logits = _TokenLogprob._logits(h, weight, temperature)
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(h, weight, y, lse)
+        ctx.temperature = temperature
+        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, y, lse = ctx.saved_tensors
+        t = ctx.temperature
+        # d logp_y / d logits = (one_hot(y) - softmax) / temperature
+        g_logits = _TokenLogprob._logits(h, weight, t).sub_(lse.unsqueeze(-1)).exp_()
+        g_logits.mul_(-(grad / t).unsqueeze(-1)).scatter_add_(-1, y.unsqueeze(-1), (grad / t).unsqueeze(-1))
+        g_logits = g_logits.to(weight.dtype)
+        grad_h = (g_logits @ weight).to(h.dtype)
+        grad_w = g_logits.flatten(0, -2).T @ h.to(weight.dtype).flatten(0, -2)
+        return grad_h, grad_w, None, None
+
+
+def completion_logprobs(model, batch: Batch, temperature: float = 1.0, share_prompts: bool = True,
+                        chunk: int = 128) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every completion token: [B, T] fp32, gradients when enabled.
+
+    share_prompts: each distinct prompt runs once and its keys/values serve all its completions
+    (the G samples of a Rank-GRPO group), so a group costs P + G*T tokens instead of G*(P + T);
+    gradients flow back through the shared prompt states. Off: every sequence runs whole (needed
+    under activation checkpointing, which drops the cache). Both give the same numbers.
+    Positions count real tokens only, as in decode(), so left padding shifts nothing. The
+    vocabulary projection runs in chunks and is recomputed in backward (_TokenLogprob): no
+    [B, T, V] tensor is ever kept.
+    `temperature` divides the logits, as in decode().
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state  # [B, L, H]
-    hidden = hidden[:, -n_completion - 1:-1]  # the state before each completion token predicts it
-    targets = input_ids[:, -n_completion:]
-    lm_head = model.get_output_embeddings()
-    out = []
-    for s in range(0, n_completion, chunk):
-        h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
-        if torch.is_grad_enabled():
-            out.append(torch.utils.checkpoint.checkpoint(_gather_logprobs, lm_head, h, y, temperature,
-                                                         use_reentrant=False))
-        else:
-            out.append(_gather_logprobs(lm_head, h, y, temperature))
-    return torch.cat(out, dim=1)
+    P = batch.prompt_ids.shape[1]
+    prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
+    prompt_len = prompt_mask.sum(1)[batch.prompt_of]  # [B]
+    T = batch.completion_ids.shape[1]
+    comp_pos = prompt_len[:, None] + torch.arange(T, device=prompt_len.device)  # [B, T]
+    attn = torch.cat([prompt_mask[batch.prompt_of], batch.completion_mask], dim=1)  # [B, P+T]
+    if share_prompts:
+        from transformers.cache_utils import DynamicCache
+        cache = DynamicCache()
+        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache, use_cache=True,
+                               position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+        cache.batch_select_indices(batch.prompt_of)  # [U, ...] -> [B, ...], differentiable
+        last = out.last_hidden_state[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
+        h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn, position_ids=comp_pos,
+                             cache=cache, use_cache=True).last_hidden_state  # [B, T, H]
+        hidden = torch.cat([last, h[:, :-1]], dim=1)
+    else:
+        ids = torch.cat([prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
+        pos = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0)[batch.prompt_of], comp_pos], dim=1)
+        hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+        hidden = hidden[:, P - 1:-1]  # the state before each completion token predicts it
+    weight = model.get_output_embeddings().weight  # [V, H]; cast once to the autocast dtype
+    if torch.is_autocast_enabled(weight.device.type):
+        weight = weight.to(torch.get_autocast_dtype(weight.device.type))
+    targets = batch.completion_ids
+    return torch.cat([_TokenLogprob.apply(hidden[:, s:s + chunk], weight, targets[:, s:s + chunk], temperature)
+                      for s in range(0, T, chunk)], dim=1)
 
 
 def save_model(model, tok, out_dir: str | os.PathLike) -> None:
@@ -864,33 +1050,44 @@ def pick_device(cpu: bool = False) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 matrix multiplies run in hardware here: CUDA, or a CPU with AVX512-BF16 or AMX
+    (measured on such a CPU: ~3x the fp32 GFLOP/s); elsewhere they are emulated and slower."""
+    if device.type == "cuda":
+        return True
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
+                                                                 "_is_amx_tile_supported"))
+
+
 def autocast(device: torch.device, enabled: bool | None = None):
-    """bf16 autocast on CUDA by default; on CPU only when asked (`enabled=True`)."""
+    """bf16 autocast (fp32 weights stay the master copy); by default on CUDA only."""
     on = (device.type == "cuda") if enabled is None else enabled
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
 
 
 class StepLog:
-    """One fixed-column line per optimizer step on stdout, and the same numbers in log.jsonl.
+    """One fixed-column line per optimizer step on stdout (the keys in `show`, or all), and every
+    number in log.jsonl. A fresh run starts a new log; a run resumed at `resume_step` keeps the
+    records up to that step (later ones were written after the checkpoint and come again)."""
 
-    A fresh run starts a new log; a run resumed at `resume_step` keeps the records up to that step
-    (later ones were written after the checkpoint and will be written again)."""
-
-    def __init__(self, path: str | os.PathLike, total_steps: int, resume_step: int | None = None):
-        self.path = Path(path)
-        self.total = total_steps
+    def __init__(self, path: str | os.PathLike, total_steps: int, resume_step: int | None = None,
+                 show: Sequence[str] | None = None):
+        self.path, self.total, self.show = Path(path), total_steps, show
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            write_jsonl(self.path, [r for r in read_jsonl(self.path, skip_torn_tail=True) if r["step"] <= resume_step])
+            kept = [r for r in read_jsonl(self.path, skip_torn_tail=True) if r["step"] <= resume_step]
+            write_jsonl(self.path, kept)
 
     def line(self, step: int, record: dict[str, float]) -> str:
-        width = len(str(self.total))
-        parts = [f"step {step:0{width}d}/{self.total}"]
+        parts = [f"step {step:0{len(str(self.total))}d}/{self.total}"]
         for key, value in record.items():
+            if self.show is not None and key not in self.show:
+                continue
             if isinstance(value, float):
-                text = f"{value:.2e}" if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4) else f"{value:.4f}"
+                big_or_small = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4)
+                text = f"{value:.2e}" if big_or_small else f"{value:.4f}"
             else:
                 text = str(value)
             parts.append(f"{key} {text:>9}")

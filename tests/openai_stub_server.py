@@ -85,6 +85,5 @@ def model_reply(model, tok) -> Callable[[dict], str]:
     def reply(body: dict) -> str:
         temperature = float(body.get("temperature") or 0.0)
         return common.generate(model, tok, [body["messages"]], int(body.get("max_tokens") or 64),
-                               do_sample=temperature > 0, temperature=max(temperature, 1e-5),
-                               top_p=float(body.get("top_p") or 1.0))[0]
+                               greedy=temperature <= 0, temperature=max(temperature, 1e-5))[0]
     return reply

@@ -37,6 +37,23 @@ from common import Catalog, parse_line
     ("2001: A Space Odyssey (1968)", ("2001: A Space Odyssey", 1968)),
     ("10. 10 Things I Hate About You (1999)", ("10 Things I Hate About You", 1999)),
     ("M*A*S*H (1970)", ("M*A*S*H", 1970)),
+    # what zero-shot LLMs write: a remark after the year, numbering inside emphasis, nesting
+    ("Heat (1995) - a tense heist classic", ("Heat", 1995)),
+    ("Heat (1995): great pacing", ("Heat", 1995)),
+    ("Heat (1995) is great", ("Heat", 1995)),
+    ("**1. Heat** (1995)", ("Heat", 1995)),
+    ("**1. Heat (1995)**", ("Heat", 1995)),
+    ("1. **Heat** (1995) – Mann at his best", ("Heat", 1995)),
+    ("- *Heat* (1995)", ("Heat", 1995)),
+    ("> 2) __Alien (1979)__", ("Alien", 1979)),
+    ("`Heat (1995)`", ("Heat", 1995)),
+    # titles that begin or end with an apostrophe or a quote keep it; a wrapping pair goes
+    ("'Salem's Lot (1979)", ("'Salem's Lot", 1979)),
+    ("Breakin' (1984)", ("Breakin'", 1984)),
+    ("'71 (2014)", ("'71", 2014)),
+    ('"Crocodile" Dundee (1986)', ('"Crocodile" Dundee', 1986)),
+    ("'Heat' (1995)", ("Heat", 1995)),
+    ("Am\u00e9lie (2001)", ("Am\u00e9lie", 2001)),
 ])
 def test_parse_line_accepts(line, expected):
     assert parse_line(line) == expected
@@ -44,7 +61,7 @@ def test_parse_line_accepts(line, expected):
 
 @pytest.mark.parametrize("line", [
     "", "   ", "Heat", "Heat 1995", "Heat (95)", "Heat (995)", "Heat (19955)", "(1995)", "1. (1995)",
-    "Heat (1995) is great", "Sure! Here are 20 movies:",
+    "Sure! Here are 20 movies:", "Heat - a 1995 classic", '""(1995)', "**",
 ])
 def test_parse_line_rejects(line):
     assert parse_line(line) is None
@@ -60,6 +77,49 @@ def test_format_items_round_trips_and_has_no_trailing_newline():
     text = common.format_items(items)
     assert not text.endswith("\n")
     assert common.parse_completion(text) == items
+
+
+TRICKY_TITLES = [  # the shapes of real catalog titles (IMDb / MovieLens / Reddit-v2)
+    ("'Salem's Lot", 1979), ("Breakin'", 1984), ("'71", 2014), ('"Crocodile" Dundee', 1986),
+    ("Schindler's List", 1993), ("Ocean's Eleven", 2001), ("Summer of '42", 1971),
+    ("2001: A Space Odyssey", 1968), ("Star Wars: Episode IV - A New Hope", 1977),
+    ("Birdman or (The Unexpected Virtue of Ignorance)", 2014), ("(500) Days of Summer", 2009),
+    ("1917", 2019), ("300", 2006), ("9", 2009), ("12 Angry Men", 1957), ("M*A*S*H", 1970),
+    ("Am\u00e9lie", 2001), ("Y Tu Mam\u00e1 Tambi\u00e9n", 2001), ("L\u00e9on: The Professional", 1994),
+    ("Crouching Tiger, Hidden Dragon", 2000), ("What's Eating Gilbert Grape", 1993),
+    ("Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb", 1964),
+    ("Se7en", 1995), ("WALL\u00b7E", 2008), ("Mission: Impossible - Fallout", 2018), ("Pok\u00e9mon: The First Movie", 1998),
+    ("Les Mis\u00e9rables", 2012), ("\u5343\u3068\u5343\u5c0b\u306e\u795e\u96a0\u3057", 2001), ("O Brother, Where Art Thou?", 2000),
+    ("Who Framed Roger Rabbit", 1988), ("Monsters, Inc.", 2001), ("I, Robot", 2004),
+]
+
+
+def round_trip_catalog(rows):
+    """Every title, written by format_items, parsed back unchanged and matched to itself."""
+    cat = Catalog(rows)
+    text = common.format_items((r["title"], r["year"]) for r in rows)
+    parsed = common.parse_completion(text)
+    assert parsed == [(r["title"], int(r["year"])) for r in rows]
+    assert [cat.find(*item) is not None for item in parsed] == [True] * len(rows)
+
+
+def test_every_demo_catalog_title_round_trips():
+    stage = __import__("importlib").import_module("01_catalog")
+    round_trip_catalog(stage.load_movies())
+
+
+def test_every_title_of_a_released_format_catalog_round_trips(tmp_path):
+    import pickle
+    stage = __import__("importlib").import_module("01_catalog")
+    path = tmp_path / "catalog.pkl"
+    path.write_bytes(pickle.dumps(TRICKY_TITLES))
+    round_trip_catalog(stage.load_catalog_pickle(path))
+
+
+def test_a_title_wrapped_in_quotes_or_emphasis_still_matches_its_catalog_item():
+    cat = Catalog([{"title": "*batteries not included", "year": 1987}, {"title": '"Heat"', "year": 1995}])
+    for line, index in (("*batteries not included (1987)", 0), ('"Heat" (1995)', 1), ("Heat (1995)", 1)):
+        assert cat.find(*parse_line(line)) == index, line
 
 
 def test_task_prompt_asks_for_n_items():
@@ -252,12 +312,35 @@ def test_tiny_model_round_trips_save_and_load(tiny, tmp_path):
     assert tok2.pad_token == tok.pad_token and tok2.padding_side == "left"
 
 
-def test_completion_mask_from_first_eos_not_pad_id():
-    eos = 2  # pad is also 2: a mask built from "id != pad" would drop the EOS and keep nothing after
-    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 2], [5, 6, 7, 8, 9]])
-    mask, has_eos = common.completion_mask(ids, [eos])
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert has_eos.tolist() == [True, True, False]
+def test_greedy_decoding_is_the_argmax_of_the_plain_forward_pass_and_stops_at_eos(tiny):
+    model, tok = tiny
+    prompts = [tok.encode("Heat (1995)\nAlien"), tok.encode("a longer prompt about Jaws (1975) and")]
+    got = common.decode(model, prompts, 12, [], tok.pad_token_id, greedy=True)
+    for p, c in zip(prompts, got):  # no repetition penalty, no processors: argmax of the model itself
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+        assert c == logits.argmax(-1).tolist() and len(c) == 12
+    stop = got[0][0]
+    assert stop not in got[1]
+    again = common.decode(model, prompts, 12, [stop], tok.pad_token_id, greedy=True)
+    assert again == [[stop], got[1]]  # one stops at its EOS (kept); the other goes on unchanged
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_draws_from_the_whole_softmax(tiny, temperature):
+    """No top-k, top-p or other warper: the first sampled token follows softmax(logits / T) over the
+    whole vocabulary (generate() with top_k unset would never draw more than 50 distinct tokens)."""
+    model, tok = tiny
+    prompt = tok.encode("Recommend movies like Heat (1995)")
+    torch.manual_seed(0)
+    draws = [c[0] for c in common.decode(model, [prompt], 1, [], tok.pad_token_id, temperature=temperature,
+                                         repeats=4000)]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+    freq = torch.bincount(torch.tensor(draws), minlength=probs.numel()).float() / len(draws)
+    outside = ~torch.isin(torch.tensor(draws), probs.topk(50).indices)
+    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(), abs=0.04)
+    assert 0.5 * (freq - probs).abs().sum() < 0.2  # total variation: ~0.12 from 4000 draws alone
 
 
 def test_generate_batched_matches_one_by_one(tiny):
@@ -268,39 +351,60 @@ def test_generate_batched_matches_one_by_one(tiny):
     assert together == alone
 
 
+def plain_logprobs(model, prompt, completion, temperature=1.0):
+    """log pi of each completion token from the plain forward pass of the sequence alone."""
+    logits = model(torch.tensor([prompt + completion])).logits.float()[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+# prompts of different lengths (left-padded in one batch), shared by several completions
+PROMPTS = ["Heat (1995) is", "a much longer prompt about Alien (1979) and", "Heat (1995) is"]
+COMPLETIONS = [" Ronin (1998)\nJaws", " Heat (1995)\nX", "\nToy Story (1995)"]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_completion_logprobs_equal_full_softmax_and_ignore_left_padding(tiny, temperature):
+@pytest.mark.parametrize("share", [True, False])
+def test_completion_logprobs_equal_the_plain_forward_pass(tiny, temperature, share):
     model, tok = tiny
-    prompts = [tok.encode("Heat (1995) is"), tok.encode("a much longer prompt about Alien (1979) and")]
-    comps = [tok.encode(" Ronin (1998)\nJaws"), tok.encode(" Heat (1995)\nX")]
-    T = max(len(c) for c in comps)
-    comps = [c + [tok.pad_token_id] * (T - len(c)) for c in comps]
-    ids, attn = common.left_pad(prompts, tok.pad_token_id)
-    ids = torch.cat([ids, torch.tensor(comps)], 1)
-    attn = torch.cat([attn, torch.ones(2, T, dtype=torch.long)], 1)
+    prompts, comps = [tok.encode(p) for p in PROMPTS], [tok.encode(c) for c in COMPLETIONS]
+    batch = common.make_batch(prompts, comps, tok.pad_token_id)
+    assert batch.prompt_ids.shape[0] == 2 and batch.prompt_of.tolist() == [0, 1, 0]  # shared once
     with torch.no_grad():
-        lp = common.completion_logprobs(model, ids, attn, T, chunk=3, temperature=temperature)
-        for i in range(2):  # the same sequence alone, no padding, through the plain forward pass
-            alone = torch.tensor([prompts[i] + comps[i]])
-            full = torch.log_softmax(model(alone).logits.float() / temperature, -1)[0, len(prompts[i]) - 1:-1]
-            ref = full.gather(-1, torch.tensor(comps[i])[:, None]).squeeze(-1)
-            assert torch.allclose(lp[i], ref, atol=1e-5)
+        lp = common.completion_logprobs(model, batch, temperature, share, chunk=3)
+        for i in range(3):
+            assert torch.allclose(lp[i, :len(comps[i])], plain_logprobs(model, prompts[i], comps[i], temperature),
+                                  atol=1e-5)
 
 
-def test_completion_logprobs_gradient_matches_plain_forward(tiny):
+def test_shared_prompt_gradients_equal_the_plain_forward_pass(tiny):
     model, tok = tiny
-    ids = torch.tensor([tok.encode("Heat (1995)\nAlien (1979)\nJaws (1975)")])
-    attn = torch.ones_like(ids)
-    model.zero_grad()
-    common.completion_logprobs(model, ids, attn, 6, chunk=4).sum().backward()
-    g1 = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    logits = model(ids).logits.float()
-    torch.log_softmax(logits, -1)[0, -7:-1].gather(-1, ids[0, -6:, None]).sum().backward()
-    g2 = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-5)
+    prompts, comps = [tok.encode(p) for p in PROMPTS], [tok.encode(c) for c in COMPLETIONS]
+    batch = common.make_batch(prompts, comps, tok.pad_token_id)
+    weights = torch.rand(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def grads(fn):
+        model.zero_grad()
+        fn().backward()
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out
+
+    plain = grads(lambda: sum((plain_logprobs(model, p, c) * weights[i, :len(c)]).sum()
+                              for i, (p, c) in enumerate(zip(prompts, comps))))
+    for share in (True, False):
+        got = grads(lambda: (common.completion_logprobs(model, batch, share_prompts=share, chunk=4)
+                             * weights * batch.completion_mask).sum())
+        for a, b in zip(got, plain):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_token_logprob_backward_is_the_gradient_of_the_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (2, 3), generator=g)
+    for t in (1.0, 0.7):
+        assert torch.autograd.gradcheck(lambda h, w: common._TokenLogprob.apply(h, w, y, t), (h, w))
 
 
 def test_save_model_keeps_other_files_in_the_run_dir(tiny, tmp_path):

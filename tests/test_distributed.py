@@ -72,7 +72,8 @@ def test_sft_two_processes_equal_one(sft_data, tmp_path):
 
 
 def _learn(rank, world, port, ro_path, out_path):
-    """One process of the 04 equivalence test: learn from its share of fixed rollouts."""
+    """One process of the 04 equivalence test: one rl_step on its share of fixed rollouts, recording
+    the step's normalisers and the all-reduced gradients that reach the optimizer."""
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -80,22 +81,36 @@ def _learn(rank, world, port, ro_path, out_path):
     ro, catalog, cfg = torch.load(ro_path, weights_only=False)  # written by this test, not user input
     model, tok = common.load_model("tiny")
     ref, _ = common.load_model("tiny")
-    run = rg.make_run(cfg, model, ref, tok, catalog, 2, torch.device("cpu"), world)
     per = len(ro.texts) // world
     share = rg.Rollouts(*(getattr(ro, f)[rank * per:(rank + 1) * per] for f in
                           ("prompt_ids", "completion_ids", "has_eos", "texts", "rows")))
-    record, _ = rg.learn_from(run, share, cfg)
+    rg.sample_rollouts = lambda *args, **kwargs: share  # learn from these rollouts, sample nothing
+    seen = {"normalisers": set(), "grads": []}
+    loss_fn = rg.rank_grpo_loss
+
+    def recording_loss(*args, **kwargs):
+        seen["normalisers"].add((kwargs["n_units"], kwargs["n_tokens"]))
+        return loss_fn(*args, **kwargs)
+    rg.rank_grpo_loss = recording_loss
+    optimizer, _ = rg.make_optimizer(cfg, model)
+    optimizer.register_step_pre_hook(
+        lambda *_: seen["grads"].append([p.grad.clone() for p in model.parameters()]))
+    table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
+    record, _, _ = rg.rl_step(cfg, model, ref, optimizer, tok, catalog, [], [], table)
     if rank == 0:
-        torch.save({"weights": model.state_dict(), "record": record}, out_path)
+        torch.save({"weights": model.state_dict(), "record": record, **seen}, out_path)
     common.barrier()
 
 
 @pytest.mark.parametrize("algo", ["rank_grpo", "grpo"])
 def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
     """Whole groups per process, normalisers of the whole step, gradients summed: the update of two
-    processes on halves of a batch equals one process's update on all of it."""
+    processes on halves of a batch equals one process's update on all of it. Exact where it is
+    exact (normalisers, the all-reduced gradients up to float summation order); the weights after
+    two Adam steps within a small fraction of the update (Adam rescales rounding differences)."""
     model, tok = common.load_model("tiny")
-    cfg = rg.Config(group_size=3, max_new_tokens=20, micro_batch_size=2, lr=1e-3, algo=algo, mu=2)
+    cfg = rg.resolve(rg.Config(group_size=3, max_new_tokens=20, micro_batch_size=2, lr=1e-3, algo=algo, mu=2,
+                                   bf16=False), 2)  # fp32: bf16 rounding differs with the micro-batch shapes
     catalog = common.Catalog([{"title": "Heat", "year": 1995}, {"title": "Alien", "year": 1979}])
     rows = [{"id": f"c{i}#0", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}
             for i in range(2)]
@@ -105,16 +120,20 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
     ro.texts[0], ro.texts[4] = "Heat (1995)\nAlien (1979)", "x\nHeat (1995)"  # some rewards to learn from
     ro_path = tmp_path / "ro.pt"
     torch.save((ro, catalog, cfg), ro_path)
-    port = free_port()
-    mp.spawn(_learn, args=(1, port, ro_path, tmp_path / "one.pt"), nprocs=1)
+    mp.spawn(_learn, args=(1, free_port(), ro_path, tmp_path / "one.pt"), nprocs=1)
     mp.spawn(_learn, args=(2, free_port(), ro_path, tmp_path / "two.pt"), nprocs=2)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["normalisers"] == two["normalisers"] and len(one["normalisers"]) == 1
+    assert len(one["grads"]) == len(two["grads"]) == cfg.mu
+    for g1, g2 in zip(one["grads"][0], two["grads"][0]):  # the first update: the same gradient
+        assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5 * g1.abs().max().item())
     start = common.load_model("tiny")[0].state_dict()
     assert any(not torch.equal(one["weights"][k], start[k]) for k in start)
     for k in start:
-        assert torch.allclose(one["weights"][k], two["weights"][k], atol=1e-6), k
+        update = (one["weights"][k] - start[k]).abs().max().item()
+        assert (one["weights"][k] - two["weights"][k]).abs().max().item() <= 0.02 * update + 1e-9, k
     for key in ("reward", "kl", "ratio", "grad_norm", "clip_low", "clip_high", "len"):
-        assert two["record"][key] == pytest.approx(one["record"][key], rel=1e-5, abs=1e-8), key
+        assert two["record"][key] == pytest.approx(one["record"][key], rel=1e-4, abs=1e-8), key
 
 
 def test_rank_grpo_under_torchrun_logs_once_and_resumes(demo_data, tmp_path):

@@ -1,7 +1,9 @@
 """04_rank_grpo.py: segmentation, rewards, advantages, the loss's identities, accumulation, smoke runs."""
 
+import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,10 +13,25 @@ from conftest import stage
 
 rg = stage("04_rank_grpo")
 
-# A hand-built vocabulary: id -> text. 1-4 contain newlines; 6 is EOS.
+# A hand-built vocabulary: id -> text. 1-4 contain newlines; 6 is EOS. Lists are written as text.
 VOCAB = {0: "A", 1: "\n", 2: "\n\n", 3: "\n  ", 4: " \n", 5: "B", 6: "<eos>"}
 NL = torch.tensor([VOCAB[i].count("\n") for i in range(len(VOCAB))])
 EOS = 6
+TOKEN = re.compile("|".join(re.escape(VOCAB[i]) for i in (6, 3, 4, 2, 1, 0, 5)))
+
+
+def tokens(text):
+    """'A\nB<eos>' -> [0, 1, 5, 6] in the hand-built vocabulary."""
+    ids = {v: k for k, v in VOCAB.items()}
+    return [ids[t] for t in TOKEN.findall(text)]
+
+
+def rules(text, n, adv_rank, eps_u=-0.1, eps_o=-0.2, eps_n=0.3):
+    """length_rules on one list written as text: (advantage, unit) per token, None where masked."""
+    ids = torch.tensor([tokens(text)])
+    mask = torch.ones_like(ids)
+    adv, unit, mask = rg.length_rules(torch.tensor([adv_rank]), NL[ids], ids == EOS, mask, n, eps_u, eps_o, eps_n)
+    return [(round(a, 4), u) if m else None for a, u, m in zip(adv[0].tolist(), unit[0].tolist(), mask[0].tolist())]
 
 
 def seg(ids, n_real=None):
@@ -22,120 +39,93 @@ def seg(ids, n_real=None):
     mask = torch.ones_like(ids)
     if n_real is not None:
         mask[0, n_real:] = 0
-    return rg.segment_ranks(ids, mask, NL)[0].tolist()
+    return rg.segment_ranks(NL[ids], mask)[0].tolist()
 
 
 # --- 1. segmentation ------------------------------------------------------------------------------
 
 def test_segment_newline_closes_its_item_and_eos_belongs_to_last_line():
-    # "A A\nB\nA<eos>": the newline belongs to the item it ends; EOS to the last line
-    assert seg([0, 0, 1, 5, 1, 0, EOS]) == [0, 0, 0, 1, 1, 2, 2]
+    assert seg(tokens("AA\nB\nA<eos>")) == [0, 0, 0, 1, 1, 2, 2]
 
 
 def test_segment_multi_newline_token_skips_a_rank():
-    # "A\n\nB": the "\n\n" token closes item 0; line 1 is empty (no tokens); B is rank 2
-    assert seg([0, 2, 5, EOS]) == [0, 0, 2, 2]
+    # the "\n\n" token closes item 0; line 1 is empty (no tokens); B is rank 2
+    assert seg(tokens("A\n\nB<eos>")) == [0, 0, 2, 2]
 
 
 def test_segment_newline_followed_by_spaces_and_space_before_newline():
-    assert seg([0, 3, 5, 4, 0]) == [0, 0, 1, 1, 2]
+    assert seg(tokens("A\n  B \nA")) == [0, 0, 1, 1, 2]
 
 
 def test_segment_padding_is_minus_one():
-    assert seg([0, 1, 5, EOS, EOS, EOS], n_real=4) == [0, 0, 1, 1, -1, -1]
+    assert seg(tokens("A\nB<eos><eos><eos>"), n_real=4) == [0, 0, 1, 1, -1, -1]
 
 
-def test_overflow_and_premature_eos_advantages():
-    n = 2
-    adv_rank = torch.tensor([[0.5, -0.5]])
-    # three items (one overflow) ending with EOS: the newline after item N opens the overflow
-    ids = torch.tensor([[0, 1, 5, 1, 0, EOS]])
-    mask = torch.ones_like(ids)
-    rank = rg.segment_ranks(ids, mask, NL)
-    eos = ids == EOS
-    adv = rg.token_advantages(adv_rank, rank, eos, n, eps_u=-0.1, eps_o=-0.2)
-    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.2, -0.2, -0.2])
-    # exactly N items, then EOS: the EOS ends item N and carries its advantage, no penalty
-    ids = torch.tensor([[0, 1, 5, EOS]])
-    rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
-    adv = rg.token_advantages(adv_rank, rank, ids == EOS, n, eps_u=-0.1, eps_o=-0.2)
-    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.5])
-    # a "\n\n" token after item N also opens the overflow
-    ids = torch.tensor([[0, 1, 5, 2, 0]])
-    rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
-    adv = rg.token_advantages(adv_rank, rank, torch.zeros_like(ids, dtype=torch.bool), n, -0.1, -0.2)
-    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.5, -0.2, -0.2])
-    # one item, then EOS: premature (fewer than N); the EOS token alone gets eps_u
-    ids = torch.tensor([[0, 5, EOS]])
-    rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
-    adv = rg.token_advantages(adv_rank, rank, ids == EOS, n, eps_u=-0.1, eps_o=-0.2)
-    assert adv[0].tolist() == pytest.approx([0.5, 0.5, -0.1])
-    # no EOS at all (cut at max_new_tokens) with fewer than N items: no penalty
-    ids = torch.tensor([[0, 5, 0]])
-    rank = rg.segment_ranks(ids, torch.ones_like(ids), NL)
-    adv = rg.token_advantages(adv_rank, rank, torch.zeros_like(ids, dtype=torch.bool), n, -0.1, -0.2)
-    assert adv.tolist() == [[0.5, 0.5, 0.5]]
+# --- 2. the length rules: (advantage, unit) per token; eps_u -0.1, eps_o -0.2, eps_n +0.3 -----------
+
+U, O, S = -0.1, -0.2, 0.3
+RULES = [  # text, N, per-rank advantages, expected (advantage, unit) per token (None: out of the loss)
+    ("A\nB<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (S, 3)]),   # exactly N: stop bonus
+    ("A<eos>", 2, [0.5, -0.5], [(0.5, 0), (U, 1)]),                          # fewer than N: premature EOS
+    ("A\nB\nA<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), (O, 4), None]),  # N + 1
+    ("A\nB\n<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), None]),  # trailing newline
+    ("A\nB\n\nA", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), (O, 6)]),  # "\n\n" past N
+    ("A\n\nB", 2, [0.5, -0.5], [(0.5, 0), (O, 1), (O, 4)]),  # "\n\n" holding the N-th newline
+    ("A\n\nB<eos>", 3, [0.5, 0.1, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 4), (S, 5)]),  # empty line 2: 3 lines
+    ("A\nB", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2)]),  # cut at the token cap: no decision
+    ("AB \nA\nB<eos>", 3, [1.0, 0.0, -1.0], [(1.0, 0)] * 3 + [(0.0, 2), (0.0, 2), (-1.0, 4), (S, 5)]),
+]
 
 
-def test_the_eos_that_ends_an_overlong_list_leaves_the_loss():
-    n = 2
-    ids = torch.tensor([[0, 1, 5, 1, 0, EOS], [0, 1, 5, EOS, 0, 0]])  # 3 items (overflow); exactly N
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    eos = (ids == EOS) & mask.bool()
-    rank, kept = rg.drop_late_eos(rg.segment_ranks(ids, mask, NL), mask, eos, n)
-    assert rank.tolist() == [[0, 0, 1, 1, 2, -1], [0, 0, 1, 1, -1, -1]]
-    assert kept.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
-    adv = rg.token_advantages(torch.tensor([[0.5, -0.5], [0.5, -0.5]]), rank, eos, n, eps_u=-0.1, eps_o=-0.2)
-    logp = torch.full((2, 6), -1.0, requires_grad=True)
-    loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, rank, kept, eps_low=0.2, eps_high=0.2,
-                                beta=0.0, n_ranks=n)
+@pytest.mark.parametrize("text, n, adv_rank, expected", RULES)
+def test_length_rules(text, n, adv_rank, expected):
+    assert rules(text, n, adv_rank) == expected
+
+
+def test_one_update_on_n_minus_1_n_and_n_plus_1_items_teaches_stopping_at_n(tiny):
+    """No hits anywhere (every rank's advantage is 0): only the length decisions act. One update
+    raises P(EOS after item N) and lowers P(EOS before N) and P(newline after item N)."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    n, eos, nl = 2, tok.eos_token_id, tok.encode("\n")
+    assert len(nl) == 1
+    prompt = tok.encode("Recommend two movies:\n")
+    items = [tok.encode(t) for t in ("Heat (1995)", "Alien (1979)", "Jaws (1975)")]
+    lists = [items[0] + [eos], items[0] + nl + items[1] + [eos], items[0] + nl + items[1] + nl + items[2] + [eos]]
+    batch = common.make_batch([prompt] * 3, lists, tok.pad_token_id)
+    eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
+    for i, c in enumerate(lists):
+        eos_tok[i, len(c) - 1] = True
+    table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
+    adv, unit, mask = rg.length_rules(torch.zeros(3, n), table[batch.completion_ids], eos_tok,
+                                      batch.completion_mask, n, eps_u=-0.1, eps_o=-0.1, eps_n=0.1)
+    # by hand: the premature EOS, the stop after N, the N-th newline and the third item are the only
+    # tokens with an advantage; the EOS after the overflow leaves the loss
+    k = len(items[0]) + 1 + len(items[1])
+    assert adv[0, len(items[0])] == -0.1 and adv[1, k] == 0.1 and adv[2, k] == -0.1
+    assert (adv[2, k + 1:len(lists[2]) - 1] == -0.1).all() and mask[2, len(lists[2]) - 1] == 0
+    assert adv.abs().sum() == pytest.approx(0.1 * (3 + len(items[2])))
+
+    def probs():
+        with torch.no_grad():
+            return {"eos after N": common.completion_logprobs(model, common.make_batch(
+                        [prompt], [lists[1]], tok.pad_token_id))[0, k].exp().item(),
+                    "eos before N": common.completion_logprobs(model, common.make_batch(
+                        [prompt], [lists[0]], tok.pad_token_id))[0, len(items[0])].exp().item(),
+                    "newline after N": common.completion_logprobs(model, common.make_batch(
+                        [prompt], [lists[2]], tok.pad_token_id))[0, k].exp().item()}
+
+    before = probs()
+    logp = common.completion_logprobs(model, batch)
+    loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, unit, mask, eps_low=0.06, eps_high=0.08,
+                                beta=0.0, n_units=3 * n, n_tokens=mask.sum())
     loss.backward()
-    assert logp.grad[0, 5] == 0  # the late EOS: neither pushed down nor up
-    assert logp.grad[0, 3] > 0 and logp.grad[0, 4] > 0  # the overflow (and the newline opening it): down
-    assert logp.grad[1, 3] > 0  # an EOS after exactly N items keeps item N's (negative) advantage
-
-
-def test_decision_tokens_join_the_item_they_decide_about():
-    n = 2
-
-    def units(ids):
-        ids = torch.tensor([ids])
-        mask, eos = torch.ones_like(ids), ids == EOS
-        rank, mask = rg.drop_late_eos(rg.segment_ranks(ids, mask, NL), mask, eos, n)
-        return rg.decision_units(rank, eos, n)[0].tolist()
-
-    assert units([0, 1, 5, 1, 0, EOS]) == [0, 0, 1, 2, 2, -1]  # newline after item N opens item N+1
-    assert units([0, 5, EOS]) == [0, 0, 1]  # EOS after 1 < N items: the missing item 2, alone
-    assert units([0, 1, 5, EOS]) == [0, 0, 1, 1]  # exactly N: the EOS stays with item N
-    assert units([0, 1, 5, 2, 0]) == [0, 0, 1, 2, 3]  # "\n\n" after item N: the (empty) rank N+1
-
-
-def test_a_decision_token_gets_a_whole_rank_of_penalty():
-    # Two samples, N = 2, no hits (item advantages 0): only the penalties act.
-    n, eps_u, eps_o = 2, -0.1, -0.2
-    ids = torch.tensor([[0, 0, 1, 5, 5, 1, 0, 0, EOS], [0, 0, 0, EOS, 6, 6, 6, 6, 6]])
-    mask = torch.tensor([[1] * 9, [1, 1, 1, 1, 0, 0, 0, 0, 0]])
-    eos = (ids == EOS) & mask.bool()
-    rank, mask = rg.drop_late_eos(rg.segment_ranks(ids, mask, NL), mask, eos, n)
-    adv = rg.token_advantages(torch.zeros(2, n), rank, eos, n, eps_u, eps_o)
-    grads = {}
-    for own in (False, True):
-        r = rg.decision_units(rank, eos, n) if own else rank
-        logp = torch.full((2, 9), -1.0, requires_grad=True)
-        loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, r, mask, eps_low=0.2, eps_high=0.2,
-                                    beta=0.0, n_ranks=n)
-        loss.backward()
-        grads[own] = logp.grad
-    # the overflow newline (index 5) moves like the overflow item it opens, 1/(|unit|) of -eps_o each
-    unit_w = 1 / (2 * n)  # 1/(G N): the weight of one rank
-    assert grads[True][0, 5] == pytest.approx(-eps_o * unit_w / 3)
-    assert grads[True][0, 6] == pytest.approx(-eps_o * unit_w / 3)
-    # ... where in item N's unit (3 tokens) it moved its tokens by eps_o / 9 only
-    assert grads[False][0, 5] == pytest.approx(-eps_o * unit_w / 9)
-    # the premature EOS is a unit alone: a whole rank of eps_u, instead of 1/16 of one
-    assert grads[True][1, 3] == pytest.approx(-eps_u * unit_w)
-    assert grads[False][1, 3] == pytest.approx(-eps_u * unit_w / 16)
-    assert grads[True][1, 0] == 0 and grads[True][0, 3] == 0  # items with advantage 0 are untouched
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad  # a small step: the first-order effect of the update
+    after = probs()
+    assert after["eos after N"] > before["eos after N"]
+    assert after["eos before N"] < before["eos before N"]
+    assert after["newline after N"] < before["newline after N"]
 
 
 def test_segmentation_matches_text_split_with_a_real_tokenizer(tiny):
@@ -144,7 +134,7 @@ def test_segmentation_matches_text_split_with_a_real_tokenizer(tiny):
     assert table[tok.convert_tokens_to_ids("ĊĊ")] == 2
     for text in ["Heat (1995)\nAlien (1979)\n \n\nJaws (1975)", "A\n\n\nB \nC", "no newline", "\n\nx\n"]:
         ids = tok.encode(text)
-        rank = rg.segment_ranks(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), table)[0]
+        rank = rg.segment_ranks(table[torch.tensor([ids])], torch.ones(1, len(ids), dtype=torch.long))[0]
         for t in range(len(ids)):  # brute force: newlines in the text before token t
             assert rank[t] == tok.decode(ids[:t]).count("\n")
         assert int(table[ids].sum()) == text.count("\n")
@@ -202,14 +192,19 @@ def hand_batch(seed=0, B=4, T=7, n=3):
     mask = (rank >= 0).long()
     adv = torch.randn(B, n, generator=g).gather(1, rank.clamp(0, n - 1)) * mask
     logp_old = -torch.rand(B, T, generator=g)
-    return rank, mask, adv, logp_old
+    return rank.clamp(min=0), mask, adv, logp_old
+
+
+def loss(logp, logp_old, adv, unit, mask, n_units, logp_ref=None, beta=0.0, eps=(0.06, 0.08), **kw):
+    return rg.rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask, eps_low=eps[0], eps_high=eps[1],
+                             beta=beta, n_units=n_units, n_tokens=mask.sum(), **kw)
 
 
 def test_rank_ratio_is_the_geometric_mean_of_token_ratios():
     rank, mask, _, logp_old = hand_batch()
     logp = logp_old + 0.1 * torch.randn(logp_old.shape, generator=torch.Generator().manual_seed(1))
-    log_ratio, size = rg.unit_mean(logp - logp_old, rank.clamp(min=0), mask)
-    i, k = 0, 1  # rank 1 of sequence 0 is tokens 2..4
+    log_ratio, size = rg.unit_mean(logp - logp_old, rank, mask)
+    i = 0  # rank 1 of sequence 0 is tokens 2..4
     token_ratios = torch.exp(logp[i, 2:5] - logp_old[i, 2:5])
     assert torch.exp(log_ratio[i, 3]).item() == pytest.approx((token_ratios.prod() ** (1 / 3)).item(), rel=1e-6)
     assert size[i, 3] == 3
@@ -218,32 +213,30 @@ def test_rank_ratio_is_the_geometric_mean_of_token_ratios():
 def test_ratio_is_exactly_one_on_policy():
     rank, mask, adv, logp_old = hand_batch()
     logp = logp_old.clone().requires_grad_(True)
-    _, st = rg.rank_grpo_loss(logp, logp.detach(), None, adv, rank, mask, eps_low=0.06, eps_high=0.08,
-                              beta=0.0, n_ranks=3)
+    _, st = loss(logp, logp.detach(), adv, rank, mask, 12)
     assert st["ratio_sum"] == st["tokens"] and st["clip_low"] == st["clip_high"] == 0
 
 
 def test_on_policy_gradient_is_the_rank_policy_gradient(tiny):
     """At theta = theta_old the gradient of Eq. 6 is sum_i sum_k A_ik (1/(G N |y^(k)|)) sum_t grad log pi."""
     model, tok = tiny
-    ids = torch.tensor([tok.encode("Heat (1995)\nAlien (1979)\nJaws (1975)")[:13], tok.encode("ab\ncd\nef\ngh (1)")])
-    attn = torch.ones_like(ids)
-    T, n = 10, 3
+    prompts = [tok.encode("Heat (1995)\n"), tok.encode("x")]
+    comps = [tok.encode("Alien (1979)\nJaws (1975)")[:10], tok.encode("ab\ncd\nef\ngh (1)")[:10]]
+    batch = common.make_batch(prompts, comps, tok.pad_token_id)
+    n = 3
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
-    mask = torch.ones(2, T, dtype=torch.long)
-    rank = rg.segment_ranks(ids[:, -T:], mask, table)
+    mask = batch.completion_mask
+    rank = rg.segment_ranks(table[batch.completion_ids], mask)
     adv = torch.tensor([[1.0, -0.5, 2.0], [0.3, 0.0, -1.0]]).gather(1, rank.clamp(0, n - 1))
     adv = torch.where(rank >= n, torch.full_like(adv, -0.1), adv)
 
     model.zero_grad()
-    logp = common.completion_logprobs(model, ids, attn, T)
-    loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, rank, mask, eps_low=0.06, eps_high=0.08,
-                                beta=0.0, n_ranks=n)
-    loss.backward()
+    logp = common.completion_logprobs(model, batch)
+    loss(logp, logp.detach(), adv, rank, mask, 2 * n)[0].backward()
     got = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    logp = common.completion_logprobs(model, ids, attn, T)
+    logp = common.completion_logprobs(model, batch)
     pg = 0
     for i in range(2):
         for k in range(int(rank[i].max()) + 1):
@@ -256,12 +249,11 @@ def test_on_policy_gradient_is_the_rank_policy_gradient(tiny):
     model.zero_grad()
 
 
-def loss_and_grad(level, rank, mask, adv, logp_old, logp0, n):
+def loss_and_grad(level, rank, mask, adv, logp_old, logp0, n_units, **kw):
     logp = logp0.clone().requires_grad_(True)
-    loss, _ = rg.rank_grpo_loss(logp, logp_old, None, adv, rank, mask, eps_low=0.2, eps_high=0.3, beta=0.0,
-                                n_ranks=n, level=level)
-    loss.backward()
-    return loss.item(), logp.grad
+    value, _ = loss(logp, logp_old, adv, rg.ratio_units(rank, level), mask, n_units, eps=(0.2, 0.3), **kw)
+    value.backward()
+    return value.item(), logp.grad
 
 
 def test_one_token_items_make_rank_level_equal_token_level():
@@ -271,8 +263,8 @@ def test_one_token_items_make_rank_level_equal_token_level():
     g = torch.Generator().manual_seed(2)
     adv, logp_old = torch.randn(B, n, generator=g), -torch.rand(B, n, generator=g)
     logp0 = logp_old + 0.3 * torch.randn(B, n, generator=g)  # off-policy, some ratios clipped
-    a = loss_and_grad("rank", rank, mask, adv, logp_old, logp0, n)
-    b = loss_and_grad("token", rank, mask, adv, logp_old, logp0, n)
+    a = loss_and_grad("rank", rank, mask, adv, logp_old, logp0, B * n)
+    b = loss_and_grad("token", rank, mask, adv, logp_old, logp0, B * n)
     assert a[0] == pytest.approx(b[0]) and torch.allclose(a[1], b[1])
 
 
@@ -285,9 +277,19 @@ def test_one_rank_makes_rank_level_equal_sequence_level():
     adv = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
     logp_old = -torch.rand(B, T, generator=g)
     logp0 = logp_old + 0.2 * torch.randn(B, T, generator=g)
-    a = loss_and_grad("rank", rank, mask, adv, logp_old, logp0, 1)
-    b = loss_and_grad("sequence", rank, mask, adv, logp_old, logp0, 1)
+    a = loss_and_grad("rank", rank, mask, adv, logp_old, logp0, B)
+    b = loss_and_grad("sequence", rank, mask, adv, logp_old, logp0, B)
     assert a[0] == pytest.approx(b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_released_aggregation_sums_an_items_tokens_where_eq_6_averages_them():
+    rank, mask, adv, logp_old = hand_batch()
+    paper = loss_and_grad("rank", rank, mask, adv, logp_old, logp_old, 12)[1]
+    released = loss_and_grad("rank", rank, mask, adv, logp_old, logp_old, 12, token_mean=True)[1]
+    size = rg.unit_mean(torch.zeros_like(logp_old), rank, mask)[1]
+    # on-policy: paper -A / (|unit| G N) per token, released -A / n_tokens
+    assert torch.allclose(paper * size * 12, -adv * mask / 1.0, atol=1e-6)
+    assert torch.allclose(released * mask.sum(), -adv * mask, atol=1e-6)
 
 
 @pytest.mark.parametrize("shift, sign, zero", [
@@ -297,16 +299,15 @@ def test_one_rank_makes_rank_level_equal_sequence_level():
     (-0.3, +1.0, False),   # ratio low but A > 0: gradient flows
 ])
 def test_clipping_removes_the_rank_gradient_on_the_side_the_advantage_pushes(shift, sign, zero):
-    rank = torch.tensor([[0, 0, 0, 1, 1]])
-    mask = torch.ones_like(rank)
+    unit = torch.tensor([[0, 0, 0, 2, 2]])
+    mask = torch.ones_like(unit)
     logp_old = torch.full((1, 5), -1.0)
     logp = logp_old.clone()
     logp[0, :3] += shift  # rank 0 off-policy by exp(shift); rank 1 on-policy
     logp.requires_grad_(True)
     adv = torch.tensor([[sign, sign, sign, 1.0, 1.0]])
-    loss, st = rg.rank_grpo_loss(logp, logp_old, None, adv, rank, mask, eps_low=0.06, eps_high=0.08,
-                                 beta=0.0, n_ranks=2)
-    loss.backward()
+    value, st = loss(logp, logp_old, adv, unit, mask, 2)
+    value.backward()
     assert (logp.grad[0, :3].abs().sum() == 0) == zero
     assert logp.grad[0, 3:].abs().sum() > 0
     assert (st["clip_low"] + st["clip_high"] == 3) == zero
@@ -323,12 +324,11 @@ def test_kl_enters_the_loss_with_weight_beta():
     rank, mask, adv, logp_old = hand_batch()
     logp = logp_old.clone().requires_grad_(True)
     logp_ref = logp_old - 0.5
-    l0, _ = rg.rank_grpo_loss(logp, logp.detach(), logp_ref, adv, rank, mask, eps_low=0.1, eps_high=0.1,
-                              beta=0.0, n_ranks=3)
-    l1, st = rg.rank_grpo_loss(logp, logp.detach(), logp_ref, adv, rank, mask, eps_low=0.1, eps_high=0.1,
-                               beta=0.5, n_ranks=3)
+    l0, _ = loss(logp, logp.detach(), adv, rank, mask, 12, logp_ref=logp_ref, beta=0.0)
+    l1, st = loss(logp, logp.detach(), adv, rank, mask, 12, logp_ref=logp_ref, beta=0.5)
     kl = (rg.kl_k3(logp_old, logp_ref) * mask).sum() / mask.sum()
     assert (l1 - l0).item() == pytest.approx(0.5 * kl.item())
+    assert st["kl_sum"].item() == pytest.approx(kl.item() * mask.sum().item(), rel=1e-5)
 
 
 # --- 5. accumulation ---------------------------------------------------------------------------------
@@ -336,36 +336,50 @@ def test_kl_enters_the_loss_with_weight_beta():
 def test_accumulated_micro_batches_equal_the_full_batch(tiny):
     model, tok = tiny
     texts = ["Heat (1995)\nAlien (1979)", "ab\ncd\nef", "Jaws (1975)\nx", "q\n\nr\ns\nt"]
-    ro = rg.Rollouts([tok.encode("prompt one"), tok.encode("a longer prompt two"), tok.encode("p3"),
-                      tok.encode("prompt four is here")],
-                     [tok.encode(t) + [tok.eos_token_id] for t in texts], [True] * 4, texts, [{}] * 4)
+    prompts = [tok.encode("prompt one"), tok.encode("a longer prompt two"), tok.encode("prompt one"),
+               tok.encode("prompt four is here")]
+    ro = rg.Rollouts(prompts, [tok.encode(t) + [tok.eos_token_id] for t in texts], [True] * 4, texts, [{}] * 4)
     n = 3
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
     adv_rank = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.1, -0.3], [-1.0, 0.0, 1.0], [0.5, 0.5, -0.5]])
-    n_toks = sum(len(c) for c in ro.completion_ids)
     g = torch.Generator().manual_seed(5)
     noise = {i: 0.05 * torch.randn(40, generator=g) for i in range(4)}
 
-    def grads(chunks, level):
+    def grads(mbs, level):
+        cfg = rg.Config(micro_batch_size=mbs, eps_u=-0.1, eps_o=-0.1, eps_n=0.1)
+        batches = rg.micro_batches(ro, adv_rank, table, n, level, cfg, tok.pad_token_id, "cpu")
+        n_tokens = sum(int(b["mask"].sum()) for _, b in batches)
         model.zero_grad()
-        for idx in chunks:
-            b = rg.micro_batch(ro, idx, tok.pad_token_id, "cpu")
-            rank = rg.segment_ranks(b["comp"], b["mask"], table)
-            adv = rg.token_advantages(adv_rank[idx], rank, b["eos_tok"], n, -0.1, -0.1)
-            logp = common.completion_logprobs(model, b["ids"], b["attn"], b["comp"].shape[1])
+        start = 0
+        for batch, b in batches:
+            idx = range(start, start + len(batch.prompt_of))
+            start += len(batch.prompt_of)
+            logp = common.completion_logprobs(model, batch)
             logp_old = logp.detach() + torch.stack([noise[i][:logp.shape[1]] for i in idx])  # off-policy
-            loss, _ = rg.rank_grpo_loss(logp, logp_old, logp_old - 0.1, adv, rank, b["mask"], eps_low=0.06,
-                                        eps_high=0.08, beta=0.01, n_ranks=n, level=level, n_seqs=4,
-                                        n_toks=n_toks)
-            loss.backward()
+            value, _ = rg.rank_grpo_loss(logp, logp_old, logp_old - 0.1, b["adv"], b["unit"], b["mask"],
+                                         eps_low=0.06, eps_high=0.08, beta=0.01, n_units=4 * n, n_tokens=n_tokens)
+            value.backward()
         return [p.grad.clone() for p in model.parameters()]
 
     for level in ("rank", "token", "sequence"):
-        full = grads([[0, 1, 2, 3]], level)
-        accumulated = grads([[0], [1, 2], [3]], level)
-        for a, b in zip(full, accumulated):
-            assert torch.allclose(a, b, atol=1e-6)
+        full = grads(4, level)
+        for mbs in (1, 3):
+            for a, b in zip(full, grads(mbs, level)):
+                assert torch.allclose(a, b, atol=1e-6)
     model.zero_grad()
+
+
+def test_rl_sampling_draws_from_the_whole_softmax(tiny):
+    model, tok = tiny
+    prompt = tok.encode("Recommend movies like Heat (1995)")
+    cfg = rg.Config(group_size=3000, max_new_tokens=1, gen_batch_size=3000)
+    torch.manual_seed(0)
+    ro = rg.sample_rollouts(model, tok, [prompt], [{}], cfg, [tok.eos_token_id])
+    first = torch.tensor([c[0] for c in ro.completion_ids])
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
+    outside = ~torch.isin(first, probs.topk(50).indices)  # a top-50 sampler would never draw these
+    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(), abs=0.04)
 
 
 # --- 6. smoke runs ------------------------------------------------------------------------------------
@@ -404,7 +418,7 @@ def weights(d):
 
 @pytest.mark.parametrize("algo", ["rank_grpo", "grpo", "gspo"])
 def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_path, capsys):
-    options = ["--decision-units", "--temperature", "0.8"] if algo == "rank_grpo" else []  # the options run too
+    options = ["--temperature", "0.8", "--aggregation", "released"] if algo == "rank_grpo" else []
     rg.main(args(demo_data, sft_dir, tmp_path, "--algo", algo, "--mu", "2" if algo == "gspo" else "1",
                  "--val-every", "2" if algo == "rank_grpo" else "0", *options))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -419,7 +433,7 @@ def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert "| ground truth:" in capsys.readouterr().out
     config = json.loads((tmp_path / "run_config.json").read_text())
-    assert config["algo"] == algo and config["decision_units"] == (algo == "rank_grpo")
+    assert config["algo"] == algo and config["aggregation"] == ("released" if algo == "rank_grpo" else "paper")
 
 
 def test_resume_continues_exactly(demo_data, sft_dir, tmp_path):

@@ -1,5 +1,6 @@
 """03_sft.py: completion-only loss, token-normalised accumulation, exact resume, smoke run."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -89,10 +90,10 @@ def test_long_sequences_lose_the_end_of_the_completion_not_the_prompt(tiny):
 def test_collate_pads_prompts_left_completions_right_masks_from_lengths():
     pad = 2  # pad == EOS, as in SmolLM2: the EOS of a completion must stay in the mask
     exs = [sft.Example([5, 6, 7], [8, 2]), sft.Example([9], [10, 11, 2])]
-    ids, attn, mask = sft.collate(exs, pad)
-    assert ids.tolist() == [[5, 6, 7, 8, 2, 2], [2, 2, 9, 10, 11, 2]]
-    assert attn.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    b = sft.collate(exs, pad)
+    assert b.prompt_ids.tolist() == [[5, 6, 7], [2, 2, 9]] and b.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b.completion_ids.tolist() == [[8, 2, 2], [10, 11, 2]]
+    assert b.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 # --- the loss (Eq. 2) -----------------------------------------------------------------------------
@@ -104,9 +105,9 @@ SPECS = [("Movies like Heat?", MOVIES[1:4]), ("I loved The Matrix and Alien, mor
 def test_loss_is_the_completion_nll_of_each_sequence_alone(tiny):
     _, tok = tiny
     model, exs = fresh_model(tok), examples(tok, SPECS)
-    ids, attn, mask = sft.collate(exs, tok.pad_token_id)
+    b = sft.collate(exs, tok.pad_token_id)
     with torch.no_grad():
-        got = sft.completion_nll(common.completion_logprobs(model, ids, attn, mask.shape[1]), mask)
+        got = sft.completion_nll(common.completion_logprobs(model, b), b.completion_mask)
         want = 0.0
         for e in exs:  # plain forward pass, no padding, completion positions only
             logp = torch.log_softmax(model(torch.tensor([e.prompt + e.completion])).logits[0], -1)
@@ -127,11 +128,12 @@ def test_prompt_and_padding_positions_carry_no_loss(tiny):
         captured["h"] = output
 
     handle = model.model.norm.register_forward_hook(keep)
-    ids, attn, mask = sft.collate(exs, tok.pad_token_id)
-    sft.completion_nll(common.completion_logprobs(model, ids, attn, mask.shape[1]), mask).backward()
+    b = sft.collate(exs, tok.pad_token_id)
+    loss = sft.completion_nll(common.completion_logprobs(model, b, share_prompts=False), b.completion_mask)
+    loss.backward()
     handle.remove()
-    has_grad = captured["h"].grad.abs().sum(-1) > 0  # [B, L]
-    L, T = ids.shape[1], mask.shape[1]
+    has_grad = captured["h"].grad.abs().sum(-1) > 0  # [B, P + T]: the sequences run whole
+    L, T = has_grad.shape[1], b.completion_mask.shape[1]
     for i, e in enumerate(exs):
         want = torch.zeros(L, dtype=torch.bool)
         want[L - T - 1:L - T - 1 + len(e.completion)] = True
@@ -141,20 +143,19 @@ def test_prompt_and_padding_positions_carry_no_loss(tiny):
 def test_padding_ids_change_nothing_completion_ids_change_the_loss(tiny):
     _, tok = tiny
     model, exs = fresh_model(tok), examples(tok, SPECS)
-    ids, attn, mask = sft.collate(exs, tok.pad_token_id)
-    T = mask.shape[1]
+    b = sft.collate(exs, tok.pad_token_id)
 
-    def loss(ids_):
+    def loss(prompt_ids, completion_ids):
+        changed = dataclasses.replace(b, prompt_ids=prompt_ids, completion_ids=completion_ids)
         with torch.no_grad():
-            return sft.completion_nll(common.completion_logprobs(model, ids_, attn, T), mask)
+            return sft.completion_nll(common.completion_logprobs(model, changed), b.completion_mask)
 
-    base = loss(ids)
-    other = ids.clone()
-    other[attn == 0] = 37  # any id in the padding, left or right
-    assert torch.equal(loss(other), base)
-    other = ids.clone()
-    other[0, ids.shape[1] - T] = 37 if ids[0, ids.shape[1] - T] != 37 else 38  # first completion token
-    assert not torch.allclose(loss(other), base)
+    base = loss(b.prompt_ids, b.completion_ids)
+    pads = b.prompt_ids.masked_fill(b.prompt_mask == 0, 37), b.completion_ids.masked_fill(b.completion_mask == 0, 37)
+    assert torch.allclose(loss(*pads), base, rtol=1e-6)  # any id in the padding, left or right
+    other = b.completion_ids.clone()
+    other[0, 0] = 37 if other[0, 0] != 37 else 38  # the first completion token
+    assert not torch.allclose(loss(b.prompt_ids, other), base)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tiny):
@@ -172,9 +173,9 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny):
     model = fresh_model(tok)
     ordered = sorted(exs, key=lambda e: len(e.prompt) + len(e.completion))
     for s in range(0, 8, 2):
-        ids, attn, mask = sft.collate(ordered[s:s + 2], tok.pad_token_id)
-        nll = sft.completion_nll(common.completion_logprobs(model, ids, attn, mask.shape[1]), mask)
-        (nll / mask.sum() / 4).backward()
+        b = sft.collate(ordered[s:s + 2], tok.pad_token_id)
+        nll = sft.completion_nll(common.completion_logprobs(model, b), b.completion_mask)
+        (nll / b.completion_mask.sum() / 4).backward()
     wrong = [p.grad for p in model.parameters()]
     assert not all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[8], wrong))
 
