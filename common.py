@@ -767,7 +767,17 @@ def _compiled_forward(model):
     return model._compiled_forward
 
 
-@torch.no_grad()
+def sample_token(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) [B, V] -> [B], by inverting the CDF
+    with one uniform number per row (torch.multinomial on a CPU draws V of them: ~40x slower at
+    a 49k vocabulary). The CDF is summed in float64, so no token's probability is rounded away."""
+    probs = torch.softmax(logits / temperature if temperature != 1 else logits, dim=-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+@torch.inference_mode()
 def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, *,
            greedy: bool = False, temperature: float = 1.0, repeats: int = 1,
            compile: bool = False) -> list[list[int]]:
@@ -808,15 +818,13 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
     alive = torch.arange(len(rows), device=device)  # which sequences the batch still holds
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+        nxt = logits.argmax(-1) if greedy else sample_token(logits, temperature)
         done = torch.isin(nxt, eos) & ~finished
         tokens[alive, t] = torch.where(finished, pad_id, nxt)
         length[alive[done]] = t + 1
         finished |= done
-        if t == max_new_tokens - 1 or bool(finished.all()):
+        n_finished = int(finished.sum())  # the loop's one host sync per token
+        if t == max_new_tokens - 1 or n_finished == len(finished):
             break
         pos = pos + 1
         if compile:  # fixed shapes: finished rows keep computing, their tokens are ignored
@@ -824,7 +832,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
             logits = step(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
                           use_cache=True).logits[:, -1].float()
             continue
-        if bool(finished.any()):
+        if n_finished:
             keep = (~finished).nonzero().squeeze(1)
             alive, nxt, attn, pos, finished = alive[keep], nxt[keep], attn[keep], pos[keep], finished[keep]
             for layer in cache.layers:

@@ -326,6 +326,17 @@ def test_greedy_decoding_is_the_argmax_of_the_plain_forward_pass_and_stops_at_eo
     assert again == [[stop], got[1]]  # one stops at its EOS (kept); the other goes on unchanged
 
 
+def test_compiled_decoding_on_a_static_cache_equals_eager_decoding(tiny):
+    """--compile's path (static cache, fixed shapes, torch.compile; ~25 s of compiling on a CPU)."""
+    model, tok = tiny
+    prompts = [tok.encode("Heat (1995)\nAlien"), tok.encode("a longer prompt about Jaws (1975) and")]
+    eager = common.decode(model, prompts, 10, [], tok.pad_token_id, greedy=True)
+    stop = eager[0][0]
+    eager_stop = common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True)
+    assert common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True, compile=True) == eager_stop
+    model._compiled_forward = None
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_draws_from_the_whole_softmax(tiny, temperature):
     """No top-k, top-p or other warper: the first sampled token follows softmax(logits / T) over the
