@@ -45,6 +45,8 @@ class Config:
     conversations: int = arg(2000, "demo conversations; split in time order into train/val/test")
     val_frac: float = arg(0.1, "fraction of conversations (the latest but test) for validation")
     test_frac: float = arg(0.1, "fraction of conversations (the latest) for test")
+    repliers: list = arg([2, 3, 3, 4], "rows per demo conversation: one drawn from this list per conversation")
+    groundtruth_per_row: list = arg([1, 2, 2, 3], "ground-truth items of a demo row: one drawn from this list")
     n_items: int = arg(0, "N, the list length asked for in the prompt; 0: 10 for the CPU-sized demo world, "
                     "20 (the paper's) for imported data. Later stages read it from catalog_summary.json")
     from_dir: str = arg("", "import released-format data from this directory instead of the demo")
@@ -208,8 +210,8 @@ def make_demo_world(cfg: Config) -> tuple[list[dict], dict[str, list[dict]], dic
         text = write_conversation(rng, movies, genres, decade, seen, replied)
         seen_all = seen + replied
         hidden[conv_id] = (weights, set(seen_all))
-        for r in range(rng.choice([2, 3, 3, 4])):
-            gt = draw(rng, weights, rng.choice([1, 2, 2, 3]), set(seen_all))
+        for r in range(rng.choice(cfg.repliers)):
+            gt = draw(rng, weights, rng.choice(cfg.groundtruth_per_row), set(seen_all))
             rows.append({"id": f"{conv_id}#{r}", "prompt": common.task_prompt(text, cfg.n_items),
                          "seen_titles": [movies[i]["title"] for i in seen_all],
                          "groundtruth_with_release_year": [[movies[i]["title"], str(movies[i]["year"])] for i in gt]})
@@ -354,16 +356,6 @@ def score_lists(rows: list[dict], lists: list[list[tuple[str, int]]], cat: commo
     return common.summarize(scores, rows)
 
 
-def popularity_lists(rows: list[dict], catalog: list[dict], n: int) -> list[list[tuple[str, int]]]:
-    """The floor: the most frequent training ground-truth items, minus what the user has seen."""
-    ranked = sorted(catalog, key=lambda c: -c["count"])
-    out = []
-    for r in rows:
-        seen = {common.norm_title(t) for t in r["seen_titles"]}
-        out.append([(c["title"], c["year"]) for c in ranked if common.norm_title(c["title"]) not in seen][:n])
-    return out
-
-
 def oracle_lists(rows: list[dict], catalog: list[dict], hidden: dict, n: int) -> list[list[tuple[str, int]]]:
     """The ceiling: the true ground-truth distribution of the conversation, ranked."""
     out = []
@@ -401,7 +393,7 @@ def main(argv=None) -> None:
                           "groundtruth_per_row": sum(len(r["groundtruth_with_release_year"]) for r in rows)
                           / max(1, len(rows))}
     k = min(10, cfg.n_items)
-    yardsticks = {"popularity": score_lists(test, popularity_lists(test, catalog, cfg.n_items), cat, cfg.n_items)}
+    yardsticks = {"popularity": score_lists(test, common.popularity_lists(test, cat, cfg.n_items), cat, cfg.n_items)}
     if hidden is not None:
         yardsticks["oracle"] = score_lists(test, oracle_lists(test, catalog, hidden, cfg.n_items), cat, cfg.n_items)
     summary["test_yardsticks"] = {name: {m: s[m] for m in (f"recall@{k}_filtered", f"ndcg@{k}_filtered",

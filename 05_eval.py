@@ -63,8 +63,9 @@ RUNS = {"sft": "run 03_sft.py first", "rank_grpo": "run 04_rank_grpo.py first",
 
 @dataclass
 class Config:
-    models: list[str] = arg([], "models: smollm2 (zero-shot), tiny, a run directory (runs/sft), an HF "
-                                "directory or hub id; none: smollm2 plus whichever of runs/{sft,rank_grpo,grpo} exist")
+    models: list[str] = arg([], "models: popularity (the floor: no model), smollm2 (zero-shot), tiny, a run "
+                                "directory (runs/sft), an HF directory or hub id; none: popularity, smollm2 "
+                                "and whichever of runs/{sft,rank_grpo,grpo} exist")
     data_dir: str = arg("data", "where catalog.jsonl and {val,test}.jsonl are (from 01_catalog.py)")
     split: str = arg("test", "which split to evaluate: val or test")
     out: str = arg("runs/eval", "evaluations go to <out>/<name>/, comparisons to <out>/")
@@ -86,7 +87,7 @@ class Config:
 def resolve_model(spec: str) -> tuple[str, str]:
     """(evaluation name, what load_model gets) for one --models entry; a bad entry stops here,
     before any model is loaded, so a typo in the last model does not cost the first one's run."""
-    if spec in ("smollm2", "tiny"):
+    if spec in ("smollm2", "tiny", "popularity"):
         return spec, spec
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -103,10 +104,10 @@ def resolve_model(spec: str) -> tuple[str, str]:
 
 
 def default_models(runs_dir: str) -> list[str]:
-    """Zero-shot SmolLM2 plus every finished run of 03/04, so a bare `python 05_eval.py` after the
-    other stages compares zero-shot, SFT and RL."""
+    """The popularity list, zero-shot SmolLM2 and every finished run of 03/04, so a bare
+    `python 05_eval.py` after the other stages compares the floor, zero-shot, SFT and RL."""
     found = [str(Path(runs_dir) / name) for name in RUNS if (Path(runs_dir) / name / "config.json").is_file()]
-    return ["smollm2", *found]
+    return ["popularity", "smollm2", *found]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,28 +196,33 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
     """Evaluate one model on `rows`; write <out>/<name>/ and return its metrics."""
     start = time.time()
     device = common.pick_device(cfg.cpu)
-    print(f"\n=== {name}: loading {path} on {device} "
-          f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'})")
-    try:
-        model, tok = common.load_model(path, device=device, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        raise common.DataError(f"{path}: cannot load a model ({str(e).splitlines()[0][:160]})") from None
-
-    # 1. one greedy generation per unique prompt
     max_new = cfg.max_new_tokens or 16 * n + 16
-    gen_start = time.time()
-    texts = common.generate_for_rows(model, tok, rows, max_new, batch_size=cfg.batch_size,
-                                     max_prompt_tokens=cfg.max_prompt_tokens, progress=f"generating ({name})")
-    gen_seconds = time.time() - gen_start
-    per_prompt = dict(zip((common.prompt_key(r["prompt"]) for r in rows), texts))
-    tokens = [len(tok.encode(t, add_special_tokens=False)) for t in per_prompt.values()]
+    if path == "popularity":  # no model: the most frequent training items, minus the seen ones
+        print(f"\n=== {name}: the most frequent ground-truth items of train, minus what was seen")
+        texts = [common.format_items(items) for items in common.popularity_lists(rows, catalog, n)]
+        gen_seconds, tokens = 0.0, [0]
+    else:
+        print(f"\n=== {name}: loading {path} on {device} "
+              f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'})")
+        try:
+            model, tok = common.load_model(path, device=device, trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            raise common.DataError(f"{path}: cannot load a model ({str(e).splitlines()[0][:160]})") from None
+        # 1. one greedy generation per unique prompt
+        gen_start = time.time()
+        texts = common.generate_for_rows(model, tok, rows, max_new, batch_size=cfg.batch_size,
+                                         max_prompt_tokens=cfg.max_prompt_tokens, progress=f"generating ({name})")
+        gen_seconds = time.time() - gen_start
+        per_prompt = dict(zip((common.prompt_key(r["prompt"]) for r in rows), texts))
+        tokens = [len(tok.encode(t, add_special_tokens=False)) for t in per_prompt.values()]
 
     # 2. every row scored against its own ground truth; means and SEs clustered by conversation
     ks = common.cutoffs(n)
     scores, samples = score_rows(rows, texts, catalog, n, ks)
     metrics = no_nan({"model": name, "path": path, "split": cfg.split,
                       "data_dir": str(Path(cfg.data_dir).resolve()), "n": n, "ks": ks,
-                      "generations": len(per_prompt), **common.summarize(scores, rows),
+                      "generations": len({common.prompt_key(r["prompt"]) for r in rows}),
+                      **common.summarize(scores, rows),
                       "completion_tokens": sum(tokens) / len(tokens), "max_new_tokens": max_new,
                       "generation_seconds": gen_seconds, "seconds": time.time() - start,
                       "device": str(device), "config": asdict(cfg)})
@@ -330,21 +336,30 @@ def plot_per_rank(evals: list[dict], ranks: list[list[dict]], path: Path) -> Non
     plt.close(fig)
 
 
-CURVES = {"reward": re.compile(r"^reward@(\w+)$"), "val_ndcg": re.compile(r"^val_ndcg@(\w+)$")}
+# Panels of a training plot: title, and the log keys drawn in it (a regex whose group names the line).
+PANELS = [
+    ("training reward per rank (04)", re.compile(r"^reward@(\w+)$")),
+    ("KL to the reference (04)", re.compile(r"^(kl)$")),
+    ("items per sampled list (04)", re.compile(r"^(items)$")),
+    ("lists of exactly N lines (04: sampled; val: greedy)", re.compile(r"^(exact_n|val_exact_n)$")),
+    ("loss (03)", re.compile(r"^(loss|val_loss)$")),
+    ("validation NDCG (greedy)", re.compile(r"^val_ndcg@(\w+)$")),
+]
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # coinciding curves stay distinguishable
 
 
 def training_series(log: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
-    """{'reward' | 'val_ndcg': {k: (steps, values)}} from log.jsonl records: the per-rank training
-    reward of 04 and the validation NDCG of 03/04; records without a key (or a step) are skipped."""
-    series: dict[str, dict[str, tuple[list, list]]] = {name: {} for name in CURVES}
+    """{panel title: {line name: (steps, values)}} from log.jsonl records; records without a step,
+    and values that are not finite numbers, are skipped."""
+    series: dict[str, dict[str, tuple[list, list]]] = {title: {} for title, _ in PANELS}
     for rec in log:
         if not isinstance(rec.get("step"), (int, float)):
             continue
         for key, value in rec.items():
-            for name, pattern in CURVES.items():
+            for title, pattern in PANELS:
                 m = pattern.match(key)
                 if m and isinstance(value, (int, float)) and math.isfinite(value):
-                    steps, values = series[name].setdefault(m.group(1), ([], []))
+                    steps, values = series[title].setdefault(m.group(1), ([], []))
                     steps.append(rec["step"])
                     values.append(value)
     return series
@@ -357,27 +372,35 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_training(name: str, log: list[dict], path: Path) -> bool:
-    """Per-rank training reward and validation NDCG against step; False (nothing drawn) when the
-    log has neither."""
+    """One panel per group of curves the log has (RL: per-rank reward, KL, list length, exact-N;
+    SFT: training and validation loss; both: validation NDCG). Noisy per-step curves are drawn
+    faint with a moving average over them. False (nothing drawn) when the log has none."""
     import matplotlib.pyplot as plt
     series = training_series(log)
-    panels = [p for p in CURVES if series[p]]
+    panels = [title for title, _ in PANELS if series[title]]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        # ranks in numeric order (1, 5, 10, 20), any non-numeric suffix after them
-        for k in sorted(series[panel], key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
-            steps, values = series[panel][k]
-            if panel == "reward":
-                line, = ax.plot(steps, smooth(values, max(1, len(values) // 20)), label=f"rank {k}")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols + 1, 3.8 * rows), squeeze=False)
+    for ax, title in zip(axes.flat, panels):
+        # numeric line names in numeric order (ranks 1, 5, 10, 20), the others after them
+        names = sorted(series[title], key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+        for i, k in enumerate(names):
+            steps, values = series[title][k]
+            ls, marker = STYLES[i % len(STYLES)]
+            label = f"rank {k}" if k.isdigit() and "reward" in title else f"NDCG@{k}" if k.isdigit() else k
+            if len(values) > 20 and not k.startswith("val"):
+                line, = ax.plot(steps, smooth(values, max(2, len(values) // 15)), ls=ls, label=label)
                 ax.plot(steps, values, color=line.get_color(), alpha=0.2)
             else:
-                ax.plot(steps, values, marker="o", label=f"NDCG@{k}")
-        ax.set(title=f"{name}: " + ("training reward per rank" if panel == "reward" else "validation NDCG"),
-               xlabel="step")
+                ax.plot(steps, values, ls=ls, marker=marker, markersize=4, label=label, alpha=0.85)
+        ax.set(title=f"{name}: {title}", xlabel="step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)
     return True
@@ -405,7 +428,7 @@ def compare(eval_dirs: list[str], out: Path) -> None:
                          out / f"training_{m['model']}.png"):
             written.append(f"training_{m['model']}.png")
         else:
-            print(f"{log_path}: no reward@k or val_ndcg@k keys, no training plot")
+            print(f"{log_path}: no curves to draw, no training plot")
     print(f"wrote {', '.join(f'{out}/{w}' for w in written)}")
 
 

@@ -249,6 +249,17 @@ class Catalog:
         write_jsonl(path, self.rows)
 
 
+def popularity_lists(rows: list[dict], catalog: Catalog, n: int) -> list[list[tuple[str, int]]]:
+    """The floor every recommender must beat: the catalog's most frequent training ground-truth
+    items ('count'), minus what each row's conversation has seen."""
+    ranked = sorted(catalog.rows, key=lambda c: -c.get("count", 0))
+    out = []
+    for r in rows:
+        seen = {norm_title(t) for t in r["seen_titles"]}
+        out.append([(c["title"], c["year"]) for c in ranked if norm_title(c["title"]) not in seen][:n])
+    return out
+
+
 def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str, int]],
                 seen: Iterable[str], catalog: Catalog, tol: int = YEAR_TOLERANCE) -> dict[str, list[int]]:
     """Judge every rank of a parsed completion. Returns parallel 0/1 lists:

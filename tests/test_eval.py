@@ -193,13 +193,14 @@ def test_training_series_picks_the_keys_and_skips_the_rest():
            {"step": 2, "reward@1": 0.3, "reward@10": float("nan"), "val_ndcg@5": 0.2},
            {"time": 5.0, "reward@1": 9.9}]  # no step: not a step record
     s = ev.training_series(log)
-    assert s["reward"] == {"1": ([1, 2], [0.1, 0.3]), "10": ([1], [0.0])}
-    assert s["val_ndcg"] == {"5": ([2], [0.2])}
+    assert s["training reward per rank (04)"] == {"1": ([1, 2], [0.1, 0.3]), "10": ([1], [0.0])}
+    assert s["validation NDCG (greedy)"] == {"5": ([2], [0.2])}
+    assert s["loss (03)"] == {"loss": ([1], [3.0])}
     assert ev.smooth([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
 
 
 def test_plot_training_skips_a_log_without_curves(tmp_path):
-    assert ev.plot_training("x", [{"step": 1, "loss": 2.0}], tmp_path / "t.png") is False
+    assert ev.plot_training("x", [{"step": 1, "lr": 2.0, "grad_norm": 1.0}], tmp_path / "t.png") is False
     assert not (tmp_path / "t.png").exists()
 
 
