@@ -31,6 +31,7 @@ import math
 import pickle
 import random
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +43,16 @@ from common import arg
 class Config:
     data_dir: str = arg("data", "where catalog.jsonl and {train,val,test}.jsonl are written")
     seed: int = arg(0, "seed of the demo world (same seed, same files)")
-    conversations: int = arg(2000, "demo conversations; split in time order into train/val/test")
-    val_frac: float = arg(0.1, "fraction of conversations (the latest but test) for validation")
-    test_frac: float = arg(0.1, "fraction of conversations (the latest) for test")
+    conversations: int = arg(2000, "demo conversations; split in time order into train/val/test",
+                             within="[10, inf)")
+    val_frac: float = arg(0.1, "fraction of conversations (the latest but test) for validation",
+                          within="(0, 0.5)")
+    test_frac: float = arg(0.1, "fraction of conversations (the latest) for test", within="(0, 0.5)")
     repliers: list = arg([2, 3, 3, 4], "rows per demo conversation: one drawn from this list per conversation")
     groundtruth_per_row: list = arg([1, 2, 2, 3], "ground-truth items of a demo row: one drawn from this list")
     n_items: int = arg(0, "N, the list length asked for in the prompt; 0: 10 for the CPU-sized demo world, "
-                    "20 (the paper's) for imported data. Later stages read it from catalog_summary.json")
+                    "20 (the paper's) for imported data. Later stages read it from catalog_summary.json",
+                       within="[0, inf)")
     from_dir: str = arg("", "import released-format data from this directory instead of the demo")
     catalog_pkl: str = arg("", "with --from-dir: catalog as a pickled list of (title, year) tuples")
 
@@ -119,12 +123,12 @@ MOVIES_FILE = Path(__file__).with_name("demo_movies.tsv")
 
 def load_movies(path: Path = MOVIES_FILE) -> list[dict]:
     """The demo world's movies: {title, year, genres, fame} from a tab-separated file."""
-    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1)
+    lines = [(i, line) for i, line in enumerate(common.read_text(path).split("\n"), 1)
              if line.strip() and not line.startswith("#")]
     movies = []
     for lineno, line in lines[1:]:  # the first is the header
         fields = line.split("\t")
-        if len(fields) != 4 or not fields[1].isdigit() or fields[3] not in "12345":
+        if len(fields) != 4 or not re.fullmatch("[0-9]{4}", fields[1]) or fields[3] not in list("12345"):
             raise common.DataError(f"{path}:{lineno}: expected title, year, genres, fame (1-5)")
         genres = fields[2].split(",")
         if not set(genres) <= set(GENRE_PHRASES):
@@ -242,7 +246,7 @@ SPLIT_NAMES = {"train": ["train"], "val": ["val", "validation", "valid"], "test"
 
 def read_split_file(path: Path) -> list[dict]:
     """Rows of a .jsonl file, or of a .json file holding a list of rows (or JSON lines)."""
-    text = path.read_text(encoding="utf-8")
+    text = common.read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -251,10 +255,10 @@ def read_split_file(path: Path) -> list[dict]:
         for i, r in enumerate(rows):
             common.validate_row(r, f"{path}: row {i}")
         return rows
-    rows = common.read_jsonl(path)
-    for i, r in enumerate(rows, 1):
+    rows = common.read_jsonl(path, with_lines=True)
+    for i, r in rows:
         common.validate_row(r, f"{path}:{i}")
-    return rows
+    return [r for _, r in rows]
 
 
 def read_released(src: Path) -> dict[str, list[dict]]:
@@ -277,6 +281,8 @@ def read_released(src: Path) -> dict[str, list[dict]]:
                 common.validate_row(r, f"{hf[0]}: row {i}")
         else:
             raise common.DataError(f"{src}: no {split} split (looked for {', '.join(f.name for f in files)})")
+        if not rows:
+            raise common.DataError(f"{found[0] if found else hf[0]}: the {split} split has no rows")
         splits[split] = [keep_fields(r) for r in rows]
     return splits
 
@@ -299,6 +305,14 @@ def number_rows(rows: list[dict]) -> None:
             seen[conv] = seen.get(conv, 0) + 1
 
 
+# The pickle opcodes of lists, tuples, str, int and the memo: a catalog needs nothing else.
+PLAIN_OPCODES = {"PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "NONE", "EMPTY_LIST", "LIST",
+                 "APPEND", "APPENDS", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "INT", "BININT",
+                 "BININT1", "BININT2", "LONG", "LONG1", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                 "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING", "PUT", "BINPUT", "LONG_BINPUT",
+                 "MEMOIZE", "GET", "BINGET", "LONG_BINGET"}
+
+
 class PlainDataUnpickler(pickle.Unpickler):
     """Unpickles containers and scalars only: any class or function reference is refused, so a
     pickle cannot run code. The caller then checks the result is a list of (str, int)."""
@@ -308,11 +322,21 @@ class PlainDataUnpickler(pickle.Unpickler):
 
 
 def load_catalog_pickle(path: Path) -> list[dict]:
-    """Catalog from a pickled list of (title, year) tuples, through PlainDataUnpickler."""
+    """Catalog from a pickled list of (title, year) tuples. Every opcode is checked first with
+    pickletools, which reads lengths without trusting them (a damaged length field could otherwise
+    ask the unpickler for gigabytes); then PlainDataUnpickler builds it."""
+    import pickletools
+    data = common.require(path, "no such file").read_bytes()
     try:
-        items = PlainDataUnpickler(io.BytesIO(common.require(path, "no such file").read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise common.DataError(f"{path}: not a plain pickle of (title, year) tuples ({e})") from None
+        for op, _, pos in pickletools.genops(data):
+            if op.name not in PLAIN_OPCODES:
+                raise pickle.UnpicklingError(f"refusing opcode {op.name} at byte {pos}: only lists, tuples, "
+                                             "str and int")
+        items = PlainDataUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, MemoryError, RecursionError, struct.error) as e:  # what damaged opcodes raise
+        raise common.DataError(f"{path}: not a plain pickle of (title, year) tuples "
+                               f"({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(items, (list, tuple)):
         raise common.DataError(f"{path}: expected a list of (title, year), got {type(items).__name__}")
     rows = []
@@ -321,6 +345,8 @@ def load_catalog_pickle(path: Path) -> list[dict]:
                 or type(it[1]) is not int):
             raise common.DataError(f"{path}: item {i} is not a (str, int) pair: {it!r:.80}")
         rows.append({"title": it[0], "year": it[1], "count": 0})
+    if not rows:
+        raise common.DataError(f"{path}: the catalog pickle holds no items")
     return rows
 
 
@@ -370,6 +396,11 @@ def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
     cfg.n_items = cfg.n_items or (common.N_ITEMS if cfg.from_dir else DEMO_N)
     out = Path(cfg.data_dir)
+    if out.exists() and not out.is_dir():
+        raise common.DataError(f"{out}: exists and is not a directory; choose another --data-dir")
+    for name in ("repliers", "groundtruth_per_row"):
+        if not getattr(cfg, name) or min(getattr(cfg, name)) < 1:
+            raise common.DataError(f"--{name.replace('_', '-')}: give one or more counts, each at least 1")
     if cfg.from_dir:
         src = common.require(cfg.from_dir, "give a directory with train/val/test JSON or JSONL files")
         print(f"reading released-format data from {src}")

@@ -58,6 +58,7 @@ them: on s_ctx scores alone (100 val conversations) val Recall@10 was 0.087 with
 from __future__ import annotations
 
 import email.utils
+import fcntl
 import hashlib
 import json
 import math
@@ -69,7 +70,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import numpy as np
 import requests
@@ -90,9 +92,12 @@ class Config:
     n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from catalog_summary.json)")
     teacher: str = arg("", "URL of an OpenAI-compatible chat completions server; empty = a local model")
     teacher_model: str = arg("smollm2", "local: a load_model name (smollm2, tiny, HF dir); remote: the API's model")
-    workers: int = arg(8, "concurrent requests to a remote teacher")
-    timeout: float = arg(120.0, "seconds before one HTTP request is given up (and retried)")
-    retries: int = arg(6, "retries of one request after a 429, a 5xx or a connection error")
+    workers: int = arg(8, "concurrent requests to a remote teacher (1 for a server that answers "
+                          "one request at a time)")
+    timeout: float = arg(600.0, "seconds to wait for one reply; it is not re-sent after that, "
+                                "since the server may still be working on it (connecting: 10 s)")
+    retries: int = arg(6, "retries of one request after a 429, a 5xx, a malformed reply or a "
+                          "connection error")
     backoff: float = arg(1.0, "first retry delay in seconds; doubles every retry, with jitter")
     temperature: float = arg(0.0, "teacher sampling temperature (0 = greedy)")
     item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens * lines + 16")
@@ -124,6 +129,7 @@ class Config:
 # A backend answers a list of prompts and yields (index, reply) as each reply arrives.
 Answer = Callable[[list, dict], Iterator[tuple[int, str]]]
 MAX_WAIT = 300.0  # the longest Retry-After we honour, in seconds
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection; waiting for the reply is --timeout
 
 
 class TeacherError(common.DataError):
@@ -153,18 +159,53 @@ def repair_torn_tail(path: Path) -> None:
         f.write(b"\n")
 
 
+def lock_cache(cache_path: Path) -> IO[str]:
+    """An exclusive lock on the cache (flock on a sidecar <cache>.lock), waited for when another
+    run holds it: two runs on one cache would otherwise both pay for every request. Returns the open
+    lock file; closing it, or the process ending, releases the lock."""
+    f = open(cache_path.with_name(cache_path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        print(f"teacher: another run (pid {f.read().strip() or '?'}) is using {cache_path}; "
+              "waiting for it to finish, then its replies are read, not asked again", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.truncate(0)
+    f.write(str(os.getpid()))  # for the message of a run that waits
+    f.flush()
+    return f
+
+
 class Teacher:
     """chat(messages) -> str through an append-only reply cache; chat_many asks a backend only for
-    the replies the cache lacks, and writes each one to disk as soon as it arrives."""
+    the replies the cache lacks, and writes each one to disk as soon as it arrives. The cache is
+    locked from here until close() (or the end of a `with` block, or of the process), so a second
+    Teacher on the same cache, in this process too, waits for that."""
 
     def __init__(self, model: str, answer: Answer, cache_path: str | os.PathLike):
         self.model, self.answer, self.cache_path = model, answer, Path(cache_path)
+        self.lock = lock_cache(self.cache_path)  # before reading: the other run's replies are in
         self.cache: dict[str, str] = {}
         self.asked = 0  # replies requested from the backend by this process
-        if self.cache_path.exists():
-            rows = common.read_jsonl(self.cache_path, skip_torn_tail=True)
-            self.cache = {r["key"]: r["reply"] for r in rows if "key" in r and "reply" in r}
-            repair_torn_tail(self.cache_path)
+        try:
+            if self.cache_path.exists():
+                rows = common.read_jsonl(self.cache_path, skip_torn_tail=True)
+                self.cache = {r["key"]: r["reply"] for r in rows if "key" in r and "reply" in r}
+                repair_torn_tail(self.cache_path)
+        except BaseException:  # e.g. a corrupt cache: no Teacher, so no lock either
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the cache lock: a run waiting for it goes on."""
+        self.lock.close()
+
+    def __enter__(self) -> "Teacher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def chat(self, messages: list[dict], **sampling) -> str:
         return self.chat_many([messages], **sampling)[0]
@@ -204,12 +245,37 @@ def local_answers(name: str, device: torch.device, batch_size: int, trust_remote
     return answer
 
 
+def split_http_url(url: str) -> SplitResult | None:
+    """urlsplit(url), or None when it is not an http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 host
+        return None
+    return parts if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def safe_url(url: str) -> str:
+    """The URL as it may be printed or saved: its user info and query values hidden, since either
+    can hold a key (https://user:KEY@host, ?api_key=KEY)."""
+    parts = split_http_url(url)
+    if parts is None:  # where a key would be in it is anyone's guess: show none of it
+        return "[not an http(s) URL]" if url else ""
+    host = parts.netloc.rpartition("@")[2]
+    items = [item.partition("=") for item in parts.query.split("&") if item]
+    query = "&".join(k + "=[redacted]" if eq else "[redacted]" for k, eq, _ in items)
+    return urlunsplit(parts._replace(netloc=("[redacted]@" if "@" in parts.netloc else "") + host,
+                                     query=query, fragment=""))
+
+
 def chat_url(url: str) -> str:
-    """Accept a server root, a .../v1 base URL or the full endpoint."""
-    u = url.rstrip("/")
-    if u.endswith("/chat/completions"):
-        return u
-    return u + ("/chat/completions" if u.endswith("/v1") else "/v1/chat/completions")
+    """Accept a server root, a .../v1 base URL or the full endpoint; a query string is kept."""
+    parts = split_http_url(url)
+    if parts is None:
+        raise TeacherError("--teacher: expected an http:// or https:// URL (http://127.0.0.1:8000)")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
+    return urlunsplit(parts._replace(path=path))
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -232,20 +298,50 @@ def backoff_delay(attempt: int, base: float) -> float:
     return min(60.0, base * 2 ** attempt) * (1.0 + 0.5 * random.random())
 
 
-def redact(text: str) -> str:
-    """Servers sometimes echo the key in an error body: never let it reach an exception or a log."""
-    key = os.environ.get("OPENAI_API_KEY")
-    return text.replace(key, "[redacted]") if key else text
+def redact(text: str, url: str = "") -> str:
+    """Servers sometimes echo the key in an error body: never let it reach an exception or a log.
+    The key is OPENAI_API_KEY, or what `url` carries as user info or query values (those of 8 or
+    more characters: shorter ones are no keys, and hiding them would garble the message)."""
+    secrets = [os.environ.get("OPENAI_API_KEY")]
+    parts = split_http_url(url)
+    if parts is not None:
+        query = [v or k for k, _, v in (item.partition("=") for item in parts.query.split("&"))]
+        secrets += [s for s in (parts.username, parts.password, *query) if s and len(s) >= 8]
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def excerpt(text: str, url: str, n: int = 200) -> str:
+    """The start of a reply body for an error message: keys redacted (before cutting, so that no
+    half of one is left), on one line."""
+    return repr(redact(text, url)[:n])
+
+
+def reply_text(resp: requests.Response, url: str) -> tuple[str | None, str]:
+    """(the reply, "") of a chat completion, or (None, what is wrong) when the body is not one: a
+    proxy's HTML page, an error object sent with 200, no choices, "content": null. Such replies
+    are retried like a 5xx, and never cached."""
+    try:
+        content = resp.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, f"HTTP 200 but not a chat completion: {excerpt(resp.text, url)}"
+    if not isinstance(content, str):
+        return None, f"HTTP 200 with content {redact(json.dumps(content), url)[:40]}"
+    return content, ""
 
 
 _thread = threading.local()  # one requests.Session (connection pool) per worker thread
 
 
-def post_chat(url: str, model: str, messages: list[dict], sampling: dict, timeout: float = 120.0,
+def post_chat(url: str, model: str, messages: list[dict], sampling: dict, timeout: float = 600.0,
               retries: int = 6, backoff: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> str:
-    """One chat completion from an OpenAI-compatible server, retrying 429s, 5xx and dropped
-    connections (Retry-After when the server sends one, else exponential backoff with jitter)."""
+    """One chat completion from an OpenAI-compatible server, retrying 429s, 5xx, malformed replies
+    and failed connections (Retry-After when the server sends one, else exponential backoff with
+    jitter). A reply that takes over `timeout` seconds is not asked again: the server may still be
+    working on it, and one that answers a request at a time would put the copy behind it."""
     endpoint = chat_url(url)
+    where = safe_url(endpoint)  # the only form of the URL that goes into a message
     body = {"model": model, "messages": messages, **sampling}
     if getattr(_thread, "session", None) is None:
         _thread.session = requests.Session()
@@ -254,33 +350,58 @@ def post_chat(url: str, model: str, messages: list[dict], sampling: dict, timeou
         if os.environ.get("OPENAI_API_KEY"):  # read per request, never stored on an object
             headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
         try:
-            resp = _thread.session.post(endpoint, json=body, headers=headers, timeout=timeout)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            problem, wait = type(e).__name__, None
+            resp = _thread.session.post(endpoint, json=body, headers=headers,
+                                        timeout=(CONNECT_TIMEOUT, timeout))
+        except requests.ReadTimeout:
+            raise TeacherError(
+                f"{where}: no reply within --timeout {timeout:g} s; not sent again, since the "
+                "server may still be working on it. Try a larger --timeout, fewer --workers, or a "
+                "server that batches requests (`transformers serve --continuous-batching`)"
+            ) from None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+            problem, wait = type(e).__name__, None  # ConnectTimeout is a ConnectionError
+        except requests.RequestException as e:  # e.g. a URL requests cannot use: no use retrying
+            raise TeacherError(f"{where}: {type(e).__name__}") from None
         else:
             if resp.status_code == 200:
-                try:
-                    return resp.json()["choices"][0]["message"]["content"] or ""
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise TeacherError(f"{endpoint}: not a chat completion: {redact(resp.text[:200])!r}") from None
-            if resp.status_code != 429 and resp.status_code < 500:  # our request is wrong: retrying won't help
-                raise TeacherError(f"{endpoint}: HTTP {resp.status_code}: {redact(resp.text[:300])}")
-            problem, wait = f"HTTP {resp.status_code}", retry_after_seconds(resp.headers.get("Retry-After"))
+                reply, problem = reply_text(resp, url)
+                if reply is not None:
+                    return reply
+                wait = None
+            elif resp.status_code != 429 and resp.status_code < 500:  # our request is wrong
+                raise TeacherError(f"{where}: HTTP {resp.status_code}: "
+                                   f"{excerpt(resp.text, url, 300)}")
+            else:
+                problem = f"HTTP {resp.status_code}"
+                wait = retry_after_seconds(resp.headers.get("Retry-After"))
         if attempt == retries:
-            raise TeacherError(f"{endpoint}: gave up after {retries + 1} attempts (last: {problem})")
+            raise TeacherError(f"{where}: gave up after {retries + 1} attempts (last: {problem})")
         sleep(min(wait, MAX_WAIT) if wait is not None else backoff_delay(attempt, backoff))
     raise AssertionError("unreachable")
 
 
 def remote_answers(cfg: Config) -> Answer:
     """`cfg.workers` requests in flight at once; replies are yielded (and cached) as they complete.
-    When one request fails for good, the queued ones are cancelled, the ones in flight still land in
-    the cache, and then the error is raised."""
+    When one request fails for good, no further one is sent, the ones in flight still land in the
+    cache, and then the error is raised."""
+    chat_url(cfg.teacher)  # a malformed --teacher fails now, once, not in every worker
+
     def answer(prompts: list, sampling: dict) -> Iterator[tuple[int, str]]:
+        stop = threading.Event()  # set by the first failure, before a freed worker takes the next
+
+        def ask(messages: list[dict]) -> str | None:
+            if stop.is_set():  # the run is stopping: send nothing more (None: not asked)
+                return None
+            try:
+                return post_chat(cfg.teacher, cfg.teacher_model, messages, sampling, cfg.timeout,
+                                 cfg.retries, cfg.backoff)
+            except Exception:
+                stop.set()
+                raise
+
         error = None
         with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-            futures = {pool.submit(post_chat, cfg.teacher, cfg.teacher_model, m, sampling, cfg.timeout,
-                                   cfg.retries, cfg.backoff): i for i, m in enumerate(prompts)}
+            futures = {pool.submit(ask, m): i for i, m in enumerate(prompts)}
             try:
                 for f in as_completed(futures):
                     if f.cancelled():
@@ -290,9 +411,11 @@ def remote_answers(cfg: Config) -> Answer:
                         for g in futures:
                             g.cancel()
                         continue
-                    yield futures[f], f.result()
+                    if f.result() is not None:
+                        yield futures[f], f.result()
             finally:
-                for f in futures:  # also when the caller stops early (Ctrl-C)
+                stop.set()  # also when the caller stops early (Ctrl-C)
+                for f in futures:
                     f.cancel()
         if error is not None:
             raise error
@@ -605,67 +728,69 @@ def main(argv=None) -> dict:
     banned = [seen_items(c) for c in convs]
 
     # 1. The teacher's zero-shot list per conversation, from the student's own prompt.
-    where = cfg.teacher or f"local, on {device}"
+    where = safe_url(cfg.teacher) if cfg.teacher else f"local, on {device}"
     print(f"teacher: {cfg.teacher_model} ({where}); cache {data / 'teacher_cache.jsonl'}")
     answer = remote_answers(cfg) if cfg.teacher else local_answers(cfg.teacher_model, device, cfg.batch_size,
                                                                    cfg.trust_remote_code)
-    teacher = Teacher(cfg.teacher_model, answer, data / "teacher_cache.jsonl")
-    common.seed_everything(cfg.seed)
-    sampling = {"temperature": cfg.temperature, "top_p": 1.0}
-    raw = teacher.chat_many([c["prompt"] for c in convs], max_tokens=cfg.item_tokens * n + 16,
-                            desc="teacher lists", **sampling)
-    lists = [distinct_items(reply) for reply in raw]  # per conversation: y_raw's items, in order
-    stats = teacher_stats(raw, cat)
-    print(f"teacher lists: {stats['valid_rate']:.1%} of lines are 'Title (Year)', "
-          f"{stats['in_catalog_rate']:.1%} of those are in the catalog")
+    with Teacher(cfg.teacher_model, answer, data / "teacher_cache.jsonl") as teacher:  # locked
+        common.seed_everything(cfg.seed)
+        sampling = {"temperature": cfg.temperature, "top_p": 1.0}
+        raw = teacher.chat_many([c["prompt"] for c in convs], max_tokens=cfg.item_tokens * n + 16,
+                                desc="teacher lists", **sampling)
+        # per conversation: y_raw's items, in order
+        lists = [distinct_items(reply) for reply in raw]
+        stats = teacher_stats(raw, cat)
+        print(f"teacher lists: {stats['valid_rate']:.1%} of lines are 'Title (Year)', "
+              f"{stats['in_catalog_rate']:.1%} of those are in the catalog")
 
-    # 2. Embeddings of the catalog, of the teacher's items and of the conversations.
-    embedder = Embedder(cfg.embedder, device, cfg.trust_remote_code)
-    outside = sorted({it for items in lists for it in items if cat.find(*it) is None})
-    meta: dict[tuple[str, int], str] = {}
-    if cfg.metadata:
-        labels = [(r["title"], r["year"]) for r in cat.rows] + outside
-        replies = teacher.chat_many([metadata_prompt(f"{t} ({y})") for t, y in labels], max_tokens=160,
-                                    desc="teacher metadata", **sampling)
-        meta = dict(zip(labels, replies))
-    e_cat = catalog_embeddings(embedder, [item_text(r["title"], r["year"], r.get("genres"),
-                                                    meta.get((r["title"], r["year"]))) for r in cat.rows])
-    e_out = dict(zip(outside, embedder.encode([item_text(t, y, metadata=meta.get((t, y))) for t, y in outside])))
-    e_conv = embedder.encode([c["text"] for c in convs], progress="embedding conversations")
-    # Train conversations the teacher did not answer: no list and no ratings, so Eq. 10-11 reduce to
-    # lambda s_ctx for them.
-    s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T)) if extra else []
-    print(f"embedder: {embedder.name}, dim {e_cat.shape[1]}; {len(outside)} out-of-catalog teacher items")
+        # 2. Embeddings of the catalog, of the teacher's items and of the conversations.
+        embedder = Embedder(cfg.embedder, device, cfg.trust_remote_code)
+        outside = sorted({it for items in lists for it in items if cat.find(*it) is None})
+        meta: dict[tuple[str, int], str] = {}
+        if cfg.metadata:
+            labels = [(r["title"], r["year"]) for r in cat.rows] + outside
+            replies = teacher.chat_many([metadata_prompt(f"{t} ({y})") for t, y in labels], max_tokens=160,
+                                        desc="teacher metadata", **sampling)
+            meta = dict(zip(labels, replies))
+        e_cat = catalog_embeddings(embedder, [item_text(r["title"], r["year"], r.get("genres"),
+                                                        meta.get((r["title"], r["year"]))) for r in cat.rows])
+        e_out = dict(zip(outside, embedder.encode([item_text(t, y, metadata=meta.get((t, y))) for t, y in outside])))
+        e_conv = embedder.encode([c["text"] for c in convs], progress="embedding conversations")
+        # Train conversations the teacher did not answer: no list and no ratings, so Eq. 10-11
+        # reduce to lambda s_ctx for them.
+        s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T)) if extra else []
+        print(f"embedder: {embedder.name}, dim {e_cat.shape[1]}; {len(outside)} out-of-catalog teacher items")
 
-    # 3. Remap (Eq. 10), or its ablation.
-    scores: dict[str, list[np.ndarray]] = {"remap": []}
-    for c, items, e_c in zip(convs, lists, e_conv):
-        idx = [cat.find(*it) for it in items]
-        s_ctx = e_cat @ e_c  # [C] cosine(conversation, item)
-        if not cfg.remap:
-            scores["remap"].append(raw_list_scores(idx, s_ctx))
-            continue
-        e_items = np.array([e_cat[v] if v is not None else e_out[it] for it, v in zip(items, idx)])
-        e_items = e_items.reshape(len(items), e_cat.shape[1])  # [U, d], also when U = 0
-        sim = e_items @ e_cat.T  # [U, C] cosine(teacher item, catalog item)
-        scores["remap"].append(remap_scores(rank_weights(len(items)), sim, identity_links(idx, len(cat)),
-                                            s_ctx, cfg.lam))
-    s_now = scores["remap"]
+        # 3. Remap (Eq. 10), or its ablation.
+        scores: dict[str, list[np.ndarray]] = {"remap": []}
+        for c, items, e_c in zip(convs, lists, e_conv):
+            idx = [cat.find(*it) for it in items]
+            s_ctx = e_cat @ e_c  # [C] cosine(conversation, item)
+            if not cfg.remap:
+                scores["remap"].append(raw_list_scores(idx, s_ctx))
+                continue
+            e_items = np.array([e_cat[v] if v is not None else e_out[it]
+                                for it, v in zip(items, idx)])
+            e_items = e_items.reshape(len(items), e_cat.shape[1])  # [U, d], also when U = 0
+            sim = e_items @ e_cat.T  # [U, C] cosine(teacher item, catalog item)
+            scores["remap"].append(remap_scores(rank_weights(len(items)), sim, identity_links(idx, len(cat)),
+                                                s_ctx, cfg.lam))
+        s_now = scores["remap"]
 
-    # 4. Reflect (Eq. 11): the teacher rates the top N_r unseen candidates.
-    if cfg.reflect:
-        cand = [top_n(s, cfg.n_reflect, ban) for s, ban in zip(s_now, banned)]
-        labels = [[(cat.rows[v]["title"], cat.rows[v]["year"]) for v in cs] for cs in cand]
-        replies = teacher.chat_many([judge_prompt(c["text"], [f"{t} ({y})" for t, y in lab])
-                                     for c, lab in zip(convs, labels)],
-                                    max_tokens=cfg.item_tokens * cfg.n_reflect + 16, desc="teacher ratings",
-                                    **sampling)
-        ratings = [parse_ratings(rep, lab) for rep, lab in zip(replies, labels)]
-        rated = np.concatenate(ratings) if ratings else np.zeros(0)
-        print(f"reflect: {np.mean(rated != 0):.1%} of candidates got a non-zero rating "
-              f"(mean {rated.mean() if rated.size else 0:+.2f})")
-        s_now = scores["reflect"] = [reflect_scores(s, cs, r, cfg.gamma)
-                                     for s, cs, r in zip(s_now, cand, ratings)]
+        # 4. Reflect (Eq. 11): the teacher rates the top N_r unseen candidates.
+        if cfg.reflect:
+            cand = [top_n(s, cfg.n_reflect, ban) for s, ban in zip(s_now, banned)]
+            labels = [[(cat.rows[v]["title"], cat.rows[v]["year"]) for v in cs] for cs in cand]
+            replies = teacher.chat_many([judge_prompt(c["text"], [f"{t} ({y})" for t, y in lab])
+                                         for c, lab in zip(convs, labels)],
+                                        max_tokens=cfg.item_tokens * cfg.n_reflect + 16, desc="teacher ratings",
+                                        **sampling)
+            ratings = [parse_ratings(rep, lab) for rep, lab in zip(replies, labels)]
+            rated = np.concatenate(ratings) if ratings else np.zeros(0)
+            print(f"reflect: {np.mean(rated != 0):.1%} of candidates got a non-zero rating "
+                  f"(mean {rated.mean() if rated.size else 0:+.2f})")
+            s_now = scores["reflect"] = [reflect_scores(s, cs, r, cfg.gamma)
+                                         for s, cs, r in zip(s_now, cand, ratings)]
 
     # 5. Adjust (Eq. 12-13): w, b fit on the train conversations' ground truth, applied to all.
     adjust_info = {}
@@ -720,7 +845,7 @@ def main(argv=None) -> dict:
             demonstration(s, n, ban, cat) for s, ban in zip(per_conv, banned)]
     report = {"n": n, "teacher": cfg.teacher_model, "remote": bool(cfg.teacher), "teacher_lists": stats,
               "teacher_replies_requested": teacher.asked, "adjust": adjust_info, "steps": {},
-              "config": {**asdict(cfg), "teacher": cfg.teacher.split("?")[0]}}  # no query string: it may hold a key
+              "config": {**asdict(cfg), "teacher": safe_url(cfg.teacher).split("?")[0]}}  # no key
     header = f"{'step':9s}" + "".join(f" | {f'{s} recall@{n}':>18s} {f'ndcg@{n}':>16s}" for s in cfg.split)
     print(header + "\n" + "-" * len(header))
     for name, texts in steps.items():

@@ -59,29 +59,43 @@ class Config:
     out: str = arg("runs/sft", "run directory: the model, run_config.json, log.jsonl, checkpoint/")
     model: str = arg("smollm2", "start model: smollm2, tiny, an HF directory or a hub id")
     trust_remote_code: bool = arg(False, "let transformers run code shipped with a hub model")
-    n_items: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote")
+    n_items: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote",
+                       within="[0, inf)")
     seed: int = arg(0, "seed of the data order (and of everything else random)")
     cpu: bool = arg(False, "train on the CPU even when CUDA is available")
     bf16: bool = arg(True, "bf16 autocast (fp32 master weights) where bf16 is native: CUDA, CPUs with "
                            "AVX512-BF16 or AMX; --no-bf16: fp32")
-    limit: int = arg(0, "use only the first LIMIT training rows (0: all)")
-    steps: int = arg(24, "optimizer steps (the paper: 1,500)")
-    batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)")
-    micro_batch_size: int = arg(4, "sequences per forward/backward pass; changes memory, not the math")
-    lr: float = arg(1e-4, "peak learning rate of AdamW (the paper: 5e-5; the 24-step CPU demo needs more)")
-    warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay to 0")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    max_grad_norm: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)")
-    max_len: int = arg(1024, "max tokens of prompt + completion; longer completions are cut")
-    max_prompt_tokens: int = arg(768, "keep the last this many prompt tokens (must be < --max-len)")
+    limit: int = arg(0, "use only the first LIMIT training rows (0: all)", within="[0, inf)")
+    steps: int = arg(24, "optimizer steps (the paper: 1,500)", within="[1, inf)")
+    batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)",
+                          within="[1, inf)")
+    micro_batch_size: int = arg(4, "sequences per forward/backward pass; changes memory, not the math",
+                                within="[1, inf)")
+    lr: float = arg(1e-4, "peak learning rate of AdamW (the paper: 5e-5; the 24-step CPU demo needs more)",
+                    within="(0, inf)")
+    warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay to 0",
+                             within="[0, 1)")
+    weight_decay: float = arg(0.0, "AdamW weight decay", within="[0, inf)")
+    max_grad_norm: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)",
+                               within="[0, inf)")
+    max_len: int = arg(1024, "max tokens of prompt + completion; longer completions are cut",
+                       within="[2, inf)")
+    max_prompt_tokens: int = arg(768, "keep the last this many prompt tokens (must be < --max-len)",
+                                 within="[1, inf)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more time")
-    eval_every: int = arg(24, "validation every this many steps, and at the last step (0: never)")
-    val_limit: int = arg(16, "validation rows for the validation loss")
-    eval_gen: int = arg(8, "greedy generation on this many validation conversations (0: off)")
-    eval_batch_size: int = arg(16, "sequences per batch in validation loss and generation")
-    max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT completion")
-    save_every: int = arg(12, "write <out>/checkpoint every this many steps (0: never)")
+    eval_every: int = arg(24, "validation every this many steps, and at the last step (0: never)",
+                          within="[0, inf)")
+    val_limit: int = arg(16, "validation rows for the validation loss", within="[1, inf)")
+    eval_gen: int = arg(8, "greedy generation on this many validation conversations (0: off)",
+                        within="[0, inf)")
+    eval_batch_size: int = arg(16, "sequences per batch in validation loss and generation",
+                               within="[1, inf)")
+    max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT completion",
+                              within="[0, inf)")
+    save_every: int = arg(12, "write <out>/checkpoint every this many steps (0: never)",
+                          within="[0, inf)")
     resume: bool = arg(False, "continue exactly from <out>/checkpoint (use the same flags)")
+    overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is kept)")
 
 
 # Settings that define the training trajectory: a resume with different values would not continue
@@ -238,13 +252,14 @@ def main(argv=None) -> None:
         raise common.DataError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
     if main_process:
         print(f"read {len(train_rows)} distinct training examples and {len(val_rows)} validation rows from {data}")
-        common.start_run(out, cfg, cfg.resume, TRAJECTORY)
-    common.barrier()
 
     # 2. Device, model, tokens. Weights stay fp32 (the master copy); bf16 only inside autocast.
     common.seed_everything(cfg.seed)
     amp = cfg.bf16 and common.bf16_native(device)
     model, tok = common.load_model(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    if main_process:  # only now that everything it needs has loaded: a failure above writes nothing
+        common.start_run(out, cfg, cfg.resume, TRAJECTORY, cfg.overwrite)
+    common.barrier()
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(model)
     model.train()
@@ -267,7 +282,7 @@ def main(argv=None) -> None:
                                                              cfg.steps)
     state = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0}
     if cfg.resume:
-        state = common.load_checkpoint(out / "checkpoint", model, optimizer, scheduler)
+        state = common.load_checkpoint(out, model, optimizer, scheduler)
         print(f"resumed from {out}/checkpoint at step {state['step']} (epoch {state['epoch']}, row {state['pos']})")
     log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=state["step"] if cfg.resume else None) \
         if main_process else None
@@ -286,6 +301,9 @@ def main(argv=None) -> None:
                                              tok.pad_token_id, amp, n_comp)
         common.all_reduce_grads(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        if not (torch.isfinite(grad_norm) and torch.isfinite(nll)):  # never step into NaN weights
+            raise common.DataError(f"step {step}: the loss ({nll.item()}) or gradient norm "
+                                   f"({grad_norm.item()}) is not finite; the model was not updated")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -306,7 +324,7 @@ def main(argv=None) -> None:
             log.log(step, record)
         if cfg.save_every and step % cfg.save_every == 0:
             state["elapsed"] = time.time() - start
-            common.save_checkpoint(out / "checkpoint", model, tok, optimizer, scheduler, state)
+            common.save_checkpoint(out, model, tok, optimizer, scheduler, state)
         common.barrier()
 
     # 5. The final model, where 04_rank_grpo.py and 05_eval.py load it from.

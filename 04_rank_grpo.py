@@ -98,6 +98,7 @@ class Config:
     sample_every: int = arg(3, "print one real sample every this many steps (0: never)", within="[0, inf)")
     save_every: int = arg(3, "checkpoint every this many steps (and at the end)", within="[1, inf)")
     resume: bool = arg(False, "continue from <out>/checkpoint")
+    overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is kept)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory, shares no prompt)")
     bf16: bool = arg(True, "bf16 autocast (fp32 master weights) for the log-prob and training passes, "
                            "where bf16 is native (CUDA; CPUs with AVX512-BF16 or AMX)")
@@ -477,10 +478,10 @@ def main(argv=None) -> None:
     order = torch.Generator().manual_seed(cfg.seed)  # the same prompt order in every process
     perm, pos, start = torch.randperm(len(train), generator=order).tolist(), 0, 0
     if main_process:
-        common.start_run(out, cfg, cfg.resume, TRAJECTORY)
+        common.start_run(out, cfg, cfg.resume, TRAJECTORY, cfg.overwrite)
     common.barrier()
     if cfg.resume:
-        state = common.load_checkpoint(out / "checkpoint", policy, optimizer, schedule)
+        state = common.load_checkpoint(out, policy, optimizer, schedule)
         start, pos, perm = state["step"], state["pos"], state["perm"]
         order.set_state(state["order"])
         if main_process:
@@ -513,7 +514,7 @@ def main(argv=None) -> None:
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
                 log.log(step, validate(policy, tok, val, catalog, cfg))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            common.save_checkpoint(out / "checkpoint", policy, tok, optimizer, schedule,
+            common.save_checkpoint(out, policy, tok, optimizer, schedule,
                                    {"step": step, "pos": pos, "perm": perm, "order": order.get_state()})
         common.barrier()
 

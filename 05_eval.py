@@ -67,14 +67,18 @@ class Config:
                                 "directory (runs/sft), an HF directory or hub id; none: popularity, smollm2 "
                                 "and whichever of runs/{sft,rank_grpo,grpo} exist")
     data_dir: str = arg("data", "where catalog.jsonl and {val,test}.jsonl are (from 01_catalog.py)")
-    split: str = arg("test", "which split to evaluate: val or test")
+    split: str = arg("test", "which split to evaluate: val or test", choices=["val", "test"])
     out: str = arg("runs/eval", "evaluations go to <out>/<name>/, comparisons to <out>/")
     runs_dir: str = arg("runs", "with no --models: where to look for sft, rank_grpo and grpo")
-    n_items: int = arg(0, "N, the list length scored; 0: what 01_catalog.py wrote the prompts with")
-    limit: int = arg(120, "evaluate only the first K conversations of the split (file order); 0: all")
-    batch_size: int = arg(32, "prompts per generation batch")
-    max_new_tokens: int = arg(0, "generation cap in tokens; 0: 16 per line of the N asked for, plus 16")
-    max_prompt_tokens: int = arg(2048, "prompts are cut to their last this many tokens (the paper: 2048)")
+    n_items: int = arg(0, "N, the list length scored; 0: what 01_catalog.py wrote the prompts with",
+                       within="[0, inf)")
+    limit: int = arg(120, "evaluate only the first K conversations of the split (file order); 0: all",
+                     within="[0, inf)")
+    batch_size: int = arg(32, "prompts per generation batch", within="[1, inf)")
+    max_new_tokens: int = arg(0, "generation cap in tokens; 0: 16 per line of the N asked for, plus 16",
+                              within="[0, inf)")
+    max_prompt_tokens: int = arg(2048, "prompts are cut to their last this many tokens (the paper: 2048)",
+                                 within="[1, inf)")
     compare: list[str] = arg([], "only compare these evaluation directories (<out>/<name>), evaluate nothing")
     cpu: bool = arg(False, "run on the CPU even when CUDA is available")
     trust_remote_code: bool = arg(False, "allow an HF model's own code to run when it is loaded")
@@ -437,6 +441,8 @@ def compare(eval_dirs: list[str], out: Path) -> None:
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise common.DataError(f"{out}: exists and is not a directory; choose another --out")
     if cfg.compare:
         compare(cfg.compare, out)
         return

@@ -26,11 +26,16 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+# transformers >= 5.24 renames the `past_key_values` argument `cache` (the old name works up to 5.40);
+# the old name is the one every supported version understands.
+warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
 
 N_ITEMS = 20  # N, the length of the recommendation list (Eq. 1)
 YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2 (section 2)
@@ -114,8 +119,14 @@ def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
     """N for this data set: `n` when given (> 0), else what 01_catalog.py wrote the prompts with."""
     if n > 0:
         return n
-    summary = Path(data_dir) / "catalog_summary.json"
-    return int(json.loads(summary.read_text())["n"]) if summary.exists() else N_ITEMS
+    path = Path(data_dir) / "catalog_summary.json"
+    if not path.exists():
+        return N_ITEMS
+    summary = read_json(path)
+    value = summary.get("n") if isinstance(summary, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{path}: 'n' must be a positive integer (the list length); rerun 01_catalog.py")
+    return value
 
 
 def require(path: str | os.PathLike, hint: str) -> Path:
@@ -238,12 +249,14 @@ class Catalog:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Catalog":
-        rows = read_jsonl(require(path, "run 01_catalog.py first"))
-        for lineno, r in enumerate(rows, 1):
-            if not isinstance(r.get("title"), str) or not _is_year(r.get("year")):
+        rows = read_jsonl(require(path, "run 01_catalog.py first"), with_lines=True)
+        for lineno, r in rows:
+            if not isinstance(r.get("title"), str) or not r["title"].strip() or not _is_year(r.get("year")):
                 raise DataError(f"{path}:{lineno}: a catalog row needs 'title' (str) and 'year' (int)")
             r["year"] = int(r["year"])
-        return cls(rows)
+        if not rows:
+            raise DataError(f"{path}: the catalog is empty; rerun 01_catalog.py")
+        return cls([r for _, r in rows])
 
     def save(self, path: str | os.PathLike) -> None:
         write_jsonl(path, self.rows)
@@ -424,11 +437,25 @@ def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
 # 5. Files: JSONL with file:line errors, atomic writes, data rows
 # ------------------------------------------------------------------------------------------------
 
-def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False) -> list[dict]:
-    """Read a JSONL file. A malformed line raises DataError naming file and line; with
-    `skip_torn_tail` a malformed *last* line (a write cut off by a crash) is skipped with a warning."""
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; bytes that are not UTF-8 raise DataError naming the file and line."""
     p = require(path, "no such file")
-    lines = p.read_text(encoding="utf-8").split("\n")
+    if p.is_dir():
+        raise DataError(f"{p}: a directory, not a file")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False, with_lines: bool = False) -> list:
+    """Read a JSONL file. A malformed line raises DataError naming file and line; with
+    `skip_torn_tail` a malformed *last* line (a write cut off by a crash) is skipped with a warning.
+    with_lines: (line number, row) pairs, so later checks can name the line too."""
+    p = Path(path)
+    lines = read_text(p).split("\n")
     rows = []
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
@@ -443,15 +470,15 @@ def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False) -> list[di
             raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{p}:{i + 1}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((i + 1, row) if with_lines else row)
     return rows
 
 
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file; a syntax error raises DataError naming file and line."""
-    p = require(path, "no such file")
+    p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(read_text(p))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -501,11 +528,15 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 
 
 def _is_year(v: Any) -> bool:
-    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.strip().isdigit())
+    """An int, or a string of ASCII digits ('1995'; not '\u00b9\u2079' that str.isdigit accepts)."""
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and
+                                                                 re.fullmatch(r"\s*[0-9]{1,4}\s*", v) is not None)
 
 
 def validate_row(row: dict, where: str, need_completion: bool = False) -> dict:
     """Check one data row (the released Reddit-v2 field names); raise DataError naming `where`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt = row.get("prompt")
     if (not isinstance(prompt, list) or not prompt
             or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt)):
@@ -528,8 +559,14 @@ def read_rows(path: str | os.PathLike, hint: str, need_completion: bool = False)
     """Read and validate data rows; rows without ground truth cannot be scored and are dropped."""
     p = require(path, hint)
     rows = []
-    for lineno, row in enumerate(read_jsonl(p), 1):
+    for lineno, row in read_jsonl(p, with_lines=True):
         validate_row(row, f"{p}:{lineno}", need_completion)
+        if need_completion:  # a demonstration is a list: one 'Title (Year)' per line, nothing else
+            lines = split_lines(row["completion"][-1]["content"].strip())
+            bad = [line for line in lines if parse_line(line) is None]
+            if bad:
+                raise DataError(f"{p}:{lineno}: the completion must be one 'Title (Year)' per line, "
+                                f"not {bad[0][:60]!r}")
         row.setdefault("id", f"{p.stem}-{lineno}#0")
         if row["groundtruth_with_release_year"]:
             rows.append(row)
@@ -654,6 +691,18 @@ def looks_like_hub_id(name: str) -> bool:
             and not Path(first).is_dir())
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers (never when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
     """(model, tokenizer) for 'smollm2', 'tiny', or a local HF directory / hub id.
@@ -669,10 +718,17 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         model = build_tiny_model(len(tok))
     else:
         path = str(_smollm2_dir()) if name == "smollm2" else name
-        if not Path(path).is_dir() and not looks_like_hub_id(path):
+        local = Path(path).is_dir()
+        if not local and not looks_like_hub_id(path):
             raise DataError(f"{name}: no such model directory (models: smollm2, tiny, a directory, a hub id)")
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        # Offline, a hub id is looked up in the local HF cache only: no minute of retries.
+        kw = {"trust_remote_code": trust_remote_code, "local_files_only": not local and not _hub_reachable()}
+        from safetensors import SafetensorError  # a truncated or damaged weights file
+        try:
+            tok = AutoTokenizer.from_pretrained(path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise DataError(f"{name}: cannot load a model ({str(e).strip().splitlines()[0][:160]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -813,7 +869,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
     else:
         cache = _buffer_cache(model, P + max_new_tokens)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
     rows = torch.arange(len(prompts), device=device).repeat_interleave(repeats)
     logits, attn, pos = out.logits[:, -1].float()[rows], attn[rows], pos[rows, -1]
@@ -840,8 +896,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
         pos = pos + 1
         if compile:  # fixed shapes: finished rows keep computing, their tokens are ignored
             attn[:, P + t] = 1
-            logits = step(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
-                          use_cache=True).logits[:, -1].float()
+            logits = step(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                          past_key_values=cache, use_cache=True).logits[:, -1].float()
             continue
         if n_finished:
             keep = (~finished).nonzero().squeeze(1)
@@ -849,8 +905,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
             for layer in cache.layers:
                 layer.buffer.select(keep)
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
-                       use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
     return [row[:n] for row, n in zip(tokens.cpu().tolist(), length.cpu().tolist())]
 
 
@@ -961,12 +1017,12 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, share_pro
     if share_prompts:
         from transformers.cache_utils import DynamicCache
         cache = DynamicCache()
-        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, cache=cache, use_cache=True,
+        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
                                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
         cache.batch_select_indices(batch.prompt_of)  # [U, ...] -> [B, ...], differentiable
         last = out.last_hidden_state[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
         h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn, position_ids=comp_pos,
-                             cache=cache, use_cache=True).last_hidden_state  # [B, T, H]
+                             past_key_values=cache, use_cache=True).last_hidden_state  # [B, T, H]
         hidden = torch.cat([last, h[:, :-1]], dim=1)
     else:
         ids = torch.cat([prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
@@ -989,6 +1045,7 @@ def save_model(model, tok, out_dir: str | os.PathLike) -> None:
     """
     import tempfile
     out = Path(out_dir)
+    check_finite(model, str(out))
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".model.") as tmp_name:
         tmp = Path(tmp_name)
@@ -1117,20 +1174,29 @@ class StepLog:
         append_jsonl(self.path, {"step": step, "time": time.time(), **record})
 
 
-def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str]) -> None:
+def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str], overwrite: bool = False) -> None:
     """Before training into `out`: on --resume, refuse flags that would change the run's trajectory
-    (a resume must continue the same run); on a fresh start, remove an earlier run's checkpoint so a
-    later --resume cannot pick it up. Then record the config in run_config.json."""
+    (a resume must continue the same run); on a fresh start, refuse to replace an earlier run unless
+    `overwrite`, and remove its checkpoints so a later --resume cannot pick them up. Then record the
+    config in run_config.json."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; choose another --out")
     now = dataclasses.asdict(cfg)
     if resume:
         saved = read_json(require(out / "run_config.json", "nothing to resume"))
+        if not isinstance(saved, dict):
+            raise DataError(f"{out}/run_config.json: not a run's settings; nothing to resume")
         diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in trajectory if saved.get(k) != now[k]]
         if diff:
             raise DataError(f"{out}/run_config.json: the checkpoint was made with {', '.join(diff)}; "
                             "resume with the same flags")
-    elif (out / "checkpoint").exists():
-        shutil.rmtree(out / "checkpoint")
-        print(f"removed the checkpoint of an earlier run in {out}/")
+    else:
+        earlier = [f for f in ("log.jsonl", "config.json", "checkpoint") if (out / f).exists()]
+        if earlier and not overwrite:
+            raise DataError(f"{out}: holds an earlier run ({', '.join(earlier)}); --resume continues it, "
+                            "--overwrite replaces it")
+        for d in [out / "checkpoint", *out.glob(".checkpoint.*")]:
+            shutil.rmtree(d, ignore_errors=True)
     write_json(out / "run_config.json", now)
 
 
@@ -1149,10 +1215,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, model, tok, optimizer, scheduler, state: dict) -> None:
-    """Everything an exact resume needs, written atomically: weights (save_pretrained), optimizer,
-    scheduler, the RNG states of every process and the caller's `state` (step, data position, ...).
-    Call it on every process: rank 0 writes, the others hand over their RNG states."""
+def check_finite(model, what: str) -> None:
+    """Refuse to write weights with a NaN or an infinity in them (a diverged update)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DataError(f"{what}: {len(bad)} weight tensors are not finite (first: {bad[0]}); not written")
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of each complete checkpoint of a run, oldest first: <run_dir>/checkpoint,
+    and what a kill in the middle of replacing it leaves behind (.checkpoint.old*, .checkpoint.tmp*).
+    A checkpoint is complete once its COMPLETE file, written last, holds its step."""
+    found = []
+    for d in [Path(run_dir) / "checkpoint", *Path(run_dir).glob(".checkpoint.*")]:
+        marker = d / "COMPLETE"
+        if marker.is_file() and marker.read_text().strip().isdigit():
+            found.append((int(marker.read_text()), d))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model, tok, optimizer, scheduler, state: dict) -> None:
+    """Everything an exact resume needs in <run_dir>/checkpoint: weights (save_pretrained), optimizer,
+    scheduler, the RNG states of every process and the caller's `state` (its "step" included). The
+    new checkpoint is written beside the old one and swapped in by renames; a kill at any moment
+    leaves a complete one (complete_checkpoints). Call it on every process: rank 0 writes, the
+    others hand over their RNG states."""
     rngs = [rng_state()]
     if world_size() > 1:
         import torch.distributed as dist
@@ -1161,27 +1248,40 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, model, tok, optimizer, schedule
         if dist.get_rank() != 0:
             dist.barrier()
             return
-    with atomic_path(ckpt_dir) as tmp:
+    run_dir = Path(run_dir)
+    check_finite(model, f"{run_dir}/checkpoint")
+    with atomic_path(run_dir / "checkpoint") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rngs, "state": state}, tmp / "trainer_state.pt")
+        (tmp / "COMPLETE").write_text(str(state["step"]))
+    for leftover in run_dir.glob(".checkpoint.*"):  # of a kill mid-swap: older than this one
+        shutil.rmtree(leftover, ignore_errors=True)
     barrier()
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
-    """Restore what save_checkpoint wrote into existing objects (on every process, each taking its
-    own RNG state); return the caller's `state`."""
+def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
+    """Restore the newest complete checkpoint of a run into existing objects (on every process, each
+    taking its own RNG state); return the caller's `state`."""
+    import pickle
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    ckpt = Path(require(ckpt_dir, "no checkpoint to resume from"))
-    weights = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        weights.update(load_file(f))
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise DataError(f"{run_dir}/checkpoint: no complete checkpoint to resume from")
+    ckpt = found[-1][1]
+    try:
+        weights = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            weights.update(load_file(f))
+        blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        raise DataError(f"{ckpt}: damaged checkpoint ({str(e).strip().splitlines()[0][:120]})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise DataError(f"{ckpt}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
-    blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])

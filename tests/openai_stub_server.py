@@ -3,13 +3,15 @@
 `transformers serve` would be the real thing, but it needs fastapi, uvicorn, starlette and openai,
 which the project does not install; this serves the same /v1/chat/completions shape with any
 reply function (e.g. the tiny model through common.generate), records every request it gets, and can
-play a script of failures first: an HTTP status with headers, or a dropped connection.
+play a script of failures first: an HTTP status with headers, a dropped connection, a 200 whose
+body is not a usable chat completion, or a reply that takes its time.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -19,7 +21,9 @@ class StubServer:
 
     def __init__(self, reply: Callable[[dict], str], script: list | None = None):
         self.reply = reply
-        self.script = list(script or [])  # the next requests' fate: "drop", or (status, headers[, message])
+        # The next requests' fate: "drop", (status, headers[, message]), bytes (a 200 with that
+        # body), or ("sleep", seconds) (the reply, that much later).
+        self.script = list(script or [])
         self.requests: list[dict] = []  # {"path", "headers", "body"} of every request received
         self.lock = threading.Lock()
 
@@ -40,11 +44,17 @@ class StubServer:
                 if action == "drop":  # close the socket without a word: the client sees a dropped connection
                     self.close_connection = True
                     return
+                if isinstance(action, bytes):  # a 200 whose body is sent as given
+                    self.send_body(200, action)
+                    return
+                if isinstance(action, tuple) and action[0] == "sleep":  # slow, but it does answer
+                    time.sleep(action[1])
+                    action = None
                 if action is not None:  # (status, headers) or (status, headers, error message)
                     status, headers, message = (*action, f"scripted {action[0]}")[:3]
                     self.send_json(status, {"error": {"message": message}}, headers)
                     return
-                if self.path != "/v1/chat/completions":
+                if self.path.split("?")[0] != "/v1/chat/completions":
                     self.send_json(404, {"error": {"message": "not found"}})
                     return
                 with stub.lock:  # one generation at a time: the model is shared by the server threads
@@ -55,14 +65,19 @@ class StubServer:
                                  "message": {"role": "assistant", "content": text}}]})
 
             def send_json(self, status: int, obj: dict, headers: dict | None = None):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(status, json.dumps(obj).encode(), headers)
+
+            def send_body(self, status: int, data: bytes, headers: dict | None = None):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped waiting
+                    self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

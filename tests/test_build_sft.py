@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -47,11 +49,12 @@ def test_chat_through_an_openai_compatible_server_equals_the_local_teacher(tiny,
     prompts = [HEAT, [{"role": "user", "content": "Something scary from the 80s?"}]]
     with StubServer(model_reply(*tiny)) as server:
         cfg = sft.Config(teacher=server.url, teacher_model="tiny", workers=2)
-        remote = sft.Teacher("tiny", sft.remote_answers(cfg), tmp_path / "remote.jsonl")
-        got = remote.chat_many(prompts, max_tokens=12)
-        assert remote.chat(HEAT, max_tokens=12) == got[0]  # the single form, from the cache
-    local = sft.Teacher("tiny", sft.local_answers("tiny", torch.device("cpu"), batch_size=1), tmp_path / "local.jsonl")
-    assert got == local.chat_many(prompts, max_tokens=12)
+        with sft.Teacher("tiny", sft.remote_answers(cfg), tmp_path / "remote.jsonl") as remote:
+            got = remote.chat_many(prompts, max_tokens=12)
+            assert remote.chat(HEAT, max_tokens=12) == got[0]  # the single form, from the cache
+    local = sft.local_answers("tiny", torch.device("cpu"), batch_size=1)
+    with sft.Teacher("tiny", local, tmp_path / "local.jsonl") as teacher:
+        assert got == teacher.chat_many(prompts, max_tokens=12)
     assert len(server.requests) == 2
     for req, messages in zip(sorted(server.requests, key=lambda r: r["body"]["messages"] != HEAT), prompts):
         assert req["path"] == "/v1/chat/completions"
@@ -90,9 +93,9 @@ def test_when_one_request_fails_the_replies_that_arrive_are_still_cached(tmp_pat
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
     with StubServer(lambda body: "ok " + body["messages"][0]["content"], [(400, {})]) as server:
         cfg = sft.Config(teacher=server.url, teacher_model="m", workers=2, retries=0)
-        teacher = sft.Teacher("m", sft.remote_answers(cfg), tmp_path / "cache.jsonl")
-        with pytest.raises(sft.TeacherError, match="HTTP 400"):
-            teacher.chat_many(prompts, max_tokens=4)
+        with sft.Teacher("m", sft.remote_answers(cfg), tmp_path / "cache.jsonl") as teacher:
+            with pytest.raises(sft.TeacherError, match="HTTP 400"):
+                teacher.chat_many(prompts, max_tokens=4)
     answered = {r["body"]["messages"][0]["content"] for r in server.requests[1:]}
     assert {r["reply"] for r in common.read_jsonl(tmp_path / "cache.jsonl")} == {"ok " + q for q in answered}
 
@@ -104,6 +107,105 @@ def test_urls_and_retry_after_forms():
     assert sft.retry_after_seconds("3") == 3.0 and sft.retry_after_seconds(None) is None
     assert sft.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
     assert sft.retry_after_seconds("soon") is None
+
+
+NULL_REPLY = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": null}}]}'
+NOT_A_REPLY = [b"<html>502 Bad Gateway</html>", b'{"error": {"message": "busy"}}',
+               b'{"choices": []}', b'{"choices": [{"index": 0}]}', NULL_REPLY]
+
+
+@pytest.mark.parametrize("body", NOT_A_REPLY)
+def test_a_200_without_a_reply_is_retried_like_a_5xx(body):
+    sleeps = []
+    with StubServer(lambda _: "Heat (1995)", [body, body]) as server:
+        reply = sft.post_chat(server.url, "m", HEAT, {}, retries=2, backoff=0.01,
+                              sleep=sleeps.append)
+    assert reply == "Heat (1995)" and len(server.requests) == 3
+    assert 0.01 <= sleeps[0] <= 0.015 and 0.02 <= sleeps[1] <= 0.03  # the backoff of a 5xx
+
+
+def test_a_200_without_a_reply_gives_up_after_the_retries_in_one_line(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
+    page = f"<html>\n<p>upstream error for Bearer {SENTINEL}</p>\n</html>".encode()
+    with StubServer(lambda _: "x", [page] * 3) as server:
+        with pytest.raises(sft.TeacherError) as err:
+            sft.post_chat(server.url, "m", HEAT, {}, retries=2, sleep=lambda s: None)
+    message = str(err.value)
+    assert len(server.requests) == 3 and "\n" not in message
+    assert message.startswith(f"{server.url}/v1/chat/completions: gave up after 3 attempts (last: ")
+    assert "HTTP 200 but not a chat completion" in message
+    assert "[redacted]" in message and SENTINEL not in message
+
+
+def test_a_null_reply_is_retried_and_never_cached(tmp_path):
+    cache = tmp_path / "teacher_cache.jsonl"
+    with StubServer(lambda _: "Heat (1995)", [NULL_REPLY] * 2) as server:
+        cfg = sft.Config(teacher=server.url, teacher_model="m", workers=1, retries=1, backoff=0.001)
+        with sft.Teacher("m", sft.remote_answers(cfg), cache) as teacher:
+            with pytest.raises(sft.TeacherError, match=r"\(last: HTTP 200 with content null"):
+                teacher.chat(HEAT, max_tokens=4)
+        assert not cache.exists() or cache.read_text() == ""
+        with sft.Teacher("m", sft.remote_answers(cfg), cache) as teacher:  # the next run asks again
+            assert teacher.chat(HEAT, max_tokens=4) == "Heat (1995)"
+    assert len(server.requests) == 3
+    assert [r["reply"] for r in common.read_jsonl(cache)] == ["Heat (1995)"]
+
+
+def test_a_read_timeout_is_not_sent_again(data):
+    with StubServer(lambda _: "Heat (1995)", [("sleep", 1.5)]) as server:  # busy, but working on it
+        with pytest.raises(sft.TeacherError) as err:
+            sft.main(run_args(data, "--teacher", server.url, "--timeout", "0.3", "--workers", "1",
+                              "--backoff", "0.01"))
+        assert len(server.requests) == 1
+    message = str(err.value)
+    assert "\n" not in message and "no reply within --timeout 0.3 s; not sent again" in message
+    assert "still be working on it" in message and "fewer --workers" in message
+    assert "transformers serve --continuous-batching" in message
+    with StubServer(lambda _: "Heat (1995)", ["drop", (503, {})]) as server:  # these are retried
+        sft.post_chat(server.url, "m", HEAT, {}, timeout=5, retries=2, sleep=lambda s: None)
+    assert len(server.requests) == 3
+
+
+def test_safe_url_hides_user_info_and_query_values():
+    assert (sft.safe_url("https://user:pw@api.example.com/v1?api_key=K&api-version=2")
+            == "https://[redacted]@api.example.com/v1?api_key=[redacted]&api-version=[redacted]")
+    assert sft.safe_url("https://sk-KEY@h:1/v1?sk-KEY2#x") == "https://[redacted]@h:1/v1?[redacted]"
+    assert sft.safe_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert sft.safe_url("user:KEY@localhost:8000") == "[not an http(s) URL]"
+    assert sft.safe_url("") == ""
+    assert sft.chat_url("https://u:p@h/v1?key=K") == "https://u:p@h/v1/chat/completions?key=K"
+    with pytest.raises(sft.TeacherError) as err:
+        sft.chat_url("user:KEY@localhost:8000")
+    assert "KEY" not in str(err.value)
+    secret = "long-secret-value"
+    redacted = sft.redact(f"bad key {secret}, n=1", f"http://h/?key={secret}&n=1")
+    assert redacted == "bad key [redacted], n=1"  # short values are no keys: left alone
+
+
+def test_credentials_in_the_url_never_reach_output_or_files(tiny, data, convrec_cache, capfd):
+    password, key = "pw-SENTINEL-4f1d2c", "qk-SENTINEL-9b3e07"
+
+    def with_credentials(url):
+        return url.replace("http://", f"http://user:{password}@") + f"/v1?api_key={key}"
+    with StubServer(model_reply(*tiny)) as server:
+        url = with_credentials(server.url)
+        report = sft.main(run_args(data, "--teacher", url, "--workers", "2"))
+    paths = {r["path"] for r in server.requests}
+    assert paths == {f"/v1/chat/completions?api_key={key}"}  # the query string still reaches it
+    assert report["config"]["teacher"] == server.url.replace("//", "//[redacted]@") + "/v1"
+    echo = (401, {}, f"invalid key {key} for user:{password}")  # a server that echoes both back
+    errors = []
+    with StubServer(lambda _: "x", [echo, (503, {})]) as server:
+        for _ in range(2):
+            with pytest.raises(sft.TeacherError) as err:
+                sft.post_chat(with_credentials(server.url), "m", HEAT, {}, retries=0)
+            errors.append(str(err.value))
+    assert "HTTP 401" in errors[0] and "gave up after 1 attempts" in errors[1]
+    captured = capfd.readouterr()
+    assert "api_key=[redacted]" in captured.out
+    written = [f for root in (data, convrec_cache) for f in root.rglob("*") if f.is_file()]
+    texts = [captured.out, captured.err, *errors, *(f.read_text(errors="replace") for f in written)]
+    assert not [t for t in texts if password in t or key in t]
 
 
 def test_the_key_never_reaches_disk_or_output(tiny, data, convrec_cache, capfd, monkeypatch):
@@ -133,6 +235,35 @@ def test_a_second_run_makes_no_request_and_writes_the_same_files(tiny, data):
     assert second["steps"] == first["steps"]
 
 
+def test_two_runs_on_one_cache_take_turns_and_the_second_asks_nothing_twice(tmp_path, capsys):
+    cache = tmp_path / "teacher_cache.jsonl"
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    second = {}
+    with StubServer(lambda body: "ok " + body["messages"][0]["content"]) as server:
+        cfg = sft.Config(teacher=server.url, teacher_model="m", workers=2)
+
+        def second_run():  # another run on the same cache, started while the first holds it
+            with sft.Teacher("m", sft.remote_answers(cfg), cache) as teacher:
+                second["replies"] = teacher.chat_many(prompts + [HEAT], max_tokens=4)
+                second["asked"] = teacher.asked
+
+        with sft.Teacher("m", sft.remote_answers(cfg), cache) as first:
+            thread = threading.Thread(target=second_run, daemon=True)
+            thread.start()
+            out, deadline = "", time.time() + 10
+            while "waiting for it to finish" not in out and time.time() < deadline:
+                time.sleep(0.01)
+                out += capsys.readouterr().out
+            assert f"is using {cache}; waiting for it to finish" in out
+            first.chat_many(prompts, max_tokens=4)
+            assert "replies" not in second  # it waits until the first run is done
+        thread.join(timeout=30)
+    assert second["replies"] == ["ok q0", "ok q1", "ok q2", "ok q3", "ok " + HEAT[0]["content"]]
+    assert second["asked"] == 1  # only what the first run did not ask
+    asked = sorted(r["body"]["messages"][0]["content"] for r in server.requests)
+    assert asked == sorted(["q0", "q1", "q2", "q3", HEAT[0]["content"]])
+
+
 def scripted_backend(asked, fail_after=None):
     """A backend that records what it is asked and dies (like a killed run) after `fail_after` replies."""
     def answer(prompts, sampling):
@@ -148,15 +279,17 @@ def test_a_killed_run_resumes_and_asks_only_for_the_missing_replies(tmp_path):
     cache = tmp_path / "teacher_cache.jsonl"
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
     asked = []
-    with pytest.raises(KeyboardInterrupt):
-        sft.Teacher("m", scripted_backend(asked, fail_after=2), cache).chat_many(prompts, max_tokens=8)
+    killed = sft.Teacher("m", scripted_backend(asked, fail_after=2), cache)
+    with pytest.raises(KeyboardInterrupt), killed:
+        killed.chat_many(prompts, max_tokens=8)
     assert asked == ["q0", "q1"] and len(common.read_jsonl(cache)) == 2  # on disk before the crash
     asked.clear()
-    resumed = sft.Teacher("m", scripted_backend(asked), cache)
-    assert resumed.chat_many(prompts, max_tokens=8) == [f"reply to q{i}" for i in range(5)]
-    assert asked == ["q2", "q3", "q4"]
-    resumed.chat_many(prompts[:1], max_tokens=9)  # other sampling parameters: another request
-    sft.Teacher("other-model", scripted_backend(asked), cache).chat(prompts[0], max_tokens=8)  # another model
+    with sft.Teacher("m", scripted_backend(asked), cache) as resumed:
+        assert resumed.chat_many(prompts, max_tokens=8) == [f"reply to q{i}" for i in range(5)]
+        assert asked == ["q2", "q3", "q4"]
+        resumed.chat_many(prompts[:1], max_tokens=9)  # other sampling parameters: another request
+    with sft.Teacher("other-model", scripted_backend(asked), cache) as other:  # another model
+        other.chat(prompts[0], max_tokens=8)
     assert asked == ["q2", "q3", "q4", "q0", "q0"]
 
 
@@ -164,17 +297,19 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_the_cache_stays_valid(tm
     cache = tmp_path / "teacher_cache.jsonl"
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
     asked = []
-    sft.Teacher("m", scripted_backend(asked), cache).chat_many(prompts[:2], max_tokens=8)
+    with sft.Teacher("m", scripted_backend(asked), cache) as teacher:
+        teacher.chat_many(prompts[:2], max_tokens=8)
     with open(cache, "a") as f:
         f.write('{"key": "abc", "reply": "half a rep')  # a crash in the middle of a write
-    teacher = sft.Teacher("m", scripted_backend(asked), cache)
-    assert "incomplete last line" in capsys.readouterr().err and len(teacher.cache) == 2
-    teacher.chat_many(prompts, max_tokens=8)
+    with sft.Teacher("m", scripted_backend(asked), cache) as teacher:
+        assert "incomplete last line" in capsys.readouterr().err and len(teacher.cache) == 2
+        teacher.chat_many(prompts, max_tokens=8)
     assert asked == ["q0", "q1", "q2"]
     assert [r["reply"] for r in common.read_jsonl(cache)] == ["reply to q0", "reply to q1", "reply to q2"]
     with open(cache, "a") as f:
         f.write('{"key": "k", "reply": "whole"}')  # whole JSON, only the newline lost: kept
-    sft.Teacher("m", scripted_backend(asked), cache).chat(prompts[0], max_tokens=99)
+    with sft.Teacher("m", scripted_backend(asked), cache) as teacher:
+        teacher.chat(prompts[0], max_tokens=99)
     assert [r["reply"] for r in common.read_jsonl(cache)][-2:] == ["whole", "reply to q0"]
 
 

@@ -459,8 +459,12 @@ def test_start_run_refuses_a_resume_that_changes_the_trajectory(tmp_path):
         steps: int = 10
 
     (tmp_path / "checkpoint").mkdir()
-    common.start_run(tmp_path, C(), resume=False, trajectory=("lr",))
-    assert not (tmp_path / "checkpoint").exists()  # a fresh run drops an earlier run's checkpoint
+    (tmp_path / ".checkpoint.old123").mkdir()  # what a kill in the middle of a swap leaves
+    with pytest.raises(common.DataError, match="holds an earlier run .checkpoint.; --resume continues it"):
+        common.start_run(tmp_path, C(), resume=False, trajectory=("lr",))
+    assert (tmp_path / "checkpoint").exists()  # refused: nothing removed
+    common.start_run(tmp_path, C(), resume=False, trajectory=("lr",), overwrite=True)
+    assert not list(tmp_path.glob("*checkpoint*"))  # a fresh run drops an earlier run's checkpoints
     common.start_run(tmp_path, C(steps=20), resume=True, trajectory=("lr",))  # steps may change
     with pytest.raises(common.DataError, match="--lr 1e-05 \\(now 0.001\\)"):
         common.start_run(tmp_path, C(lr=1e-3), resume=True, trajectory=("lr",))

@@ -257,11 +257,14 @@ def test_resume_refuses_other_settings_and_stale_checkpoints(tmp_path):
                       "--eval-every", "0"))
     with pytest.raises(common.DataError, match="--lr"):
         sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--lr", "1e-3", "--resume"))
+    # a finished run is never replaced silently
+    with pytest.raises(common.DataError, match="holds an earlier run"):
+        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--eval-every", "0"))
     # a fresh run in the same directory drops the earlier run's checkpoint, so --resume cannot mix them
     sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--save-every", "0",
-                      "--eval-every", "0"))
+                      "--eval-every", "0", "--overwrite"))
     assert not (tmp_path / "run" / "checkpoint").exists()
-    with pytest.raises(common.DataError, match="no checkpoint to resume from"):
+    with pytest.raises(common.DataError, match="no complete checkpoint to resume from"):
         sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--save-every", "0",
                           "--eval-every", "0", "--resume"))
 
