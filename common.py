@@ -147,14 +147,8 @@ def task_prompt(conversation: str, n: int = N_ITEMS) -> list[dict]:
     The instruction comes after the conversation so that left-truncation of a long prompt cuts the
     oldest turns of the conversation, never the instruction.
     """
-    content = (
-        "Below is a conversation from a movie discussion forum. Someone is asking for movie "
-        "recommendations.\n\n"
-        f"{conversation.strip()}\n\n"
-        f"Recommend exactly {n} movies this person would enjoy, best first. Do not repeat a movie "
-        "and do not recommend movies they already mentioned. Write one movie per line as "
-        "Title (Year), with no numbering, no bullets and no other text."
-    )
+    content = (f"A movie forum thread:\n\n{conversation.strip()}\n\nRecommend {n} movies for this person, "
+               "best first, none they mentioned and none twice: one Title (Year) per line, nothing else.")
     return [{"role": "user", "content": content}]
 
 

@@ -36,7 +36,7 @@ def test_demo_world_rows_are_valid_and_consistent(demo_data):
         ids[split] = {common.conversation_id(r) for r in rows}
         for r in rows:
             text = r["prompt"][0]["content"]
-            assert "exactly 5 movies" in text
+            assert "Recommend 5 movies" in text
             for t in r["seen_titles"]:  # every seen title is mentioned in the conversation
                 assert t.lower() in text.lower()
             for title, year in common.row_groundtruth(r):  # ground truth: in catalog, never seen

@@ -124,7 +124,7 @@ def test_a_title_wrapped_in_quotes_or_emphasis_still_matches_its_catalog_item():
 
 def test_task_prompt_asks_for_n_items():
     msgs = common.task_prompt("I love westerns.", 7)
-    assert msgs[0]["role"] == "user" and "exactly 7 movies" in msgs[0]["content"]
+    assert msgs[0]["role"] == "user" and "Recommend 7 movies" in msgs[0]["content"]
     assert "I love westerns." in msgs[0]["content"]
 
 
