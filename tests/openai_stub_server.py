@@ -37,11 +37,14 @@ class StubServer:
                 pass
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                                  or b"{}")
                 with stub.lock:
-                    stub.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    stub.requests.append({"path": self.path, "headers": dict(self.headers),
+                                          "body": body})
                     action = stub.script.pop(0) if stub.script else None
-                if action == "drop":  # close the socket without a word: the client sees a dropped connection
+                # close the socket without a word: the client sees a dropped connection
+                if action == "drop":
                     self.close_connection = True
                     return
                 if isinstance(action, bytes):  # a 200 whose body is sent as given
@@ -57,7 +60,8 @@ class StubServer:
                 if self.path.split("?")[0] != "/v1/chat/completions":
                     self.send_json(404, {"error": {"message": "not found"}})
                     return
-                with stub.lock:  # one generation at a time: the model is shared by the server threads
+                # one generation at a time: the model is shared by the server threads
+                with stub.lock:
                     text = stub.reply(body)
                 self.send_json(200, {
                     "id": "chatcmpl-stub", "object": "chat.completion", "model": body.get("model"),

@@ -16,8 +16,8 @@ import torch
 import common
 from conftest import stage
 
-catalog_stage, build, sft, rg, ev = (stage(n) for n in ("01_catalog", "02_build_sft", "03_sft", "04_rank_grpo",
-                                                         "05_eval"))
+catalog_stage, build, sft, rg, ev = (stage(n) for n in ("01_catalog", "02_build_sft", "03_sft",
+                                                         "04_rank_grpo", "05_eval"))
 STAGES = {"01": catalog_stage, "02": build, "03": sft, "04": rg, "05": ev}
 
 
@@ -29,7 +29,8 @@ def world(demo_data, tmp_path_factory):
     for split in ("train", "val"):
         rows = common.read_rows(root / "data" / f"{split}.jsonl", "")[:6]
         for r in rows:
-            r["completion"] = [{"role": "assistant", "content": common.format_items(common.row_groundtruth(r))}]
+            r["completion"] = [{"role": "assistant",
+                                "content": common.format_items(common.row_groundtruth(r))}]
         common.write_jsonl(root / "data" / f"sft_{split}.jsonl", rows)
     model, tok = common.load_model("tiny")
     common.save_model(model, tok, root / "runs" / "tiny")
@@ -37,7 +38,8 @@ def world(demo_data, tmp_path_factory):
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_stage(name, args, capsys):
@@ -65,17 +67,22 @@ def gt_year(year):
     return fn
 
 
-# name, stage, arguments ({d}: the data dir, {r}: the root), mutation of the copy, text the message names
+# name, stage, arguments ({d}: the data dir, {r}: the root), mutation of the copy, text the message
+# names
 CASES = [
     # 01: imported data and flags
     ("01 empty split", "01", ["--from-dir", "{r}/released", "--data-dir", "{r}/out"],
-     lambda r: write(r / "released" / "train.jsonl", ""), "train.jsonl: the train split has no rows"),
+     lambda r: write(r / "released" / "train.jsonl", ""),
+     "train.jsonl: the train split has no rows"),
     ("01 row not an object", "01", ["--from-dir", "{r}/released", "--data-dir", "{r}/out"],
-     lambda r: write(r / "released" / "val.jsonl", "[1, 2]\n"), "val.jsonl:1: expected a JSON object"),
+     lambda r: write(r / "released" / "val.jsonl", "[1, 2]\n"),
+     "val.jsonl:1: expected a JSON object"),
     ("01 json list of non-objects", "01", ["--from-dir", "{r}/released2", "--data-dir", "{r}/out"],
-     lambda r: write(r / "released2" / "test.json", "[1, 2]"), "test.json: row 0: expected a JSON object"),
+     lambda r: write(r / "released2" / "test.json", "[1, 2]"),
+     "test.json: row 0: expected a JSON object"),
     ("01 not utf-8", "01", ["--from-dir", "{r}/released", "--data-dir", "{r}/out"],
-     lambda r: write(r / "released" / "test.jsonl", b'{"prompt": "\xff\xfe"}\n'), "test.jsonl:1: not UTF-8"),
+     lambda r: write(r / "released" / "test.jsonl", b'{"prompt": "\xff\xfe"}\n'),
+     "test.jsonl:1: not UTF-8"),
     ("01 superscript year", "01", ["--from-dir", "{r}/released", "--data-dir", "{r}/out"],
      lambda r: first_line_replaced(r / "released" / "train.jsonl", gt_year("19\u00b295")),
      "train.jsonl:1: 'groundtruth_with_release_year'"),
@@ -84,59 +91,76 @@ CASES = [
      lambda r: write(r / "c.pkl", pickle.dumps([])), "c.pkl: the catalog pickle holds no items"),
     ("01 damaged catalog pickle", "01", ["--from-dir", "{r}/released", "--catalog-pkl", "{r}/c.pkl",
                                          "--data-dir", "{r}/out"],
-     lambda r: write(r / "c.pkl", pickle.dumps([("Heat", 1995)])[:-7] + b"\x8e\xff\xff\xff\xff\xff\xff\xff"),
+     lambda r: write(r / "c.pkl",
+                     pickle.dumps([("Heat", 1995)])[:-7] + b"\x8e\xff\xff\xff\xff\xff\xff\xff"),
      "c.pkl: not a plain pickle"),
     ("01 code in the pickle", "01", ["--from-dir", "{r}/released", "--catalog-pkl", "{r}/c.pkl",
                                      "--data-dir", "{r}/out"],
-     lambda r: write(r / "c.pkl", pickle.dumps([("Heat", Path("x"))])), "c.pkl: not a plain pickle"),
+     lambda r: write(r / "c.pkl", pickle.dumps([("Heat", Path("x"))])),
+     "c.pkl: not a plain pickle"),
     ("01 data dir is a file", "01", ["--data-dir", "{r}/afile"], lambda r: write(r / "afile", "x"),
      "afile: exists and is not a directory"),
     ("01 repliers 0", "01", ["--data-dir", "{r}/out", "--repliers", "0"], None, "--repliers"),
     # 02: the data it reads
     ("02 catalog summary n not an int", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
-     lambda r: write(r / "data" / "catalog_summary.json", '{"n": "ten"}'), "'n' must be a positive integer"),
+     lambda r: write(r / "data" / "catalog_summary.json", '{"n": "ten"}'),
+     "'n' must be a positive integer"),
     ("02 empty catalog", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
      lambda r: write(r / "data" / "catalog.jsonl", "\n"), "catalog.jsonl: the catalog is empty"),
     ("02 val row without prompt", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
-     lambda r: first_line_replaced(r / "data" / "val.jsonl", lambda row: {k: v for k, v in row.items()
-                                                                            if k != "prompt"}),
+     lambda r: first_line_replaced(r / "data" / "val.jsonl",
+                                   lambda row: {k: v for k, v in row.items() if k != "prompt"}),
      "val.jsonl:1: 'prompt' must be"),
     ("02 not an http url", "02", ["--data-dir", "{d}", "--teacher", "ftp://user:secret@host"], None,
      "--teacher: expected an http:// or https:// URL"),
     # 03: demonstrations, models, outputs
     ("03 completion not a list", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
      lambda r: first_line_replaced(r / "data" / "sft_train.jsonl",
-                                   lambda row: {**row, "completion": [{"role": "assistant",
-                                                                       "content": "Sure! Here you go."}]}),
+                                   lambda row: {**row, "completion": [
+                                       {"role": "assistant", "content": "Sure! Here you go."}]}),
      "sft_train.jsonl:1: the completion must be one 'Title (Year)' per line"),
     ("03 empty completion", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
      lambda r: first_line_replaced(r / "data" / "sft_val.jsonl",
-                                   lambda row: {**row, "completion": [{"role": "assistant", "content": ""}]}),
+                                   lambda row: {**row, "completion": [{"role": "assistant",
+                                                                       "content": ""}]}),
      "sft_val.jsonl:1: the completion must be one"),
-    ("03 broken config.json", "03", ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
-     lambda r: write(r / "runs" / "tiny" / "config.json", "{not json"), "runs/tiny: cannot load a model"),
+    ("03 broken config.json", "03",
+     ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
+     lambda r: write(r / "runs" / "tiny" / "config.json", "{not json"),
+     "runs/tiny: cannot load a model"),
     ("03 out is a file", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/afile"],
      lambda r: write(r / "afile", "x"), "afile: exists and is not a directory"),
-    ("03 catalog summary not json", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
-     lambda r: write(r / "data" / "catalog_summary.json", "{"), "catalog_summary.json:1: not valid JSON"),
-    ("03 catalog summary without n", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
-     lambda r: write(r / "data" / "catalog_summary.json", "{}"), "catalog_summary.json: 'n' must be a positive"),
+    ("03 catalog summary not json", "03",
+     ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+     lambda r: write(r / "data" / "catalog_summary.json", "{"),
+     "catalog_summary.json:1: not valid JSON"),
+    ("03 catalog summary without n", "03",
+     ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+     lambda r: write(r / "data" / "catalog_summary.json", "{}"),
+     "catalog_summary.json: 'n' must be a positive"),
     ("03 catalog summary n = 0", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
-     lambda r: write(r / "data" / "catalog_summary.json", '{"n": 0}'), "'n' must be a positive integer"),
+     lambda r: write(r / "data" / "catalog_summary.json", '{"n": 0}'),
+     "'n' must be a positive integer"),
     ("03 empty catalog", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
      lambda r: write(r / "data" / "catalog.jsonl", ""), "catalog.jsonl: the catalog is empty"),
     # 04
-    ("04 broken config.json", "04", ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
+    ("04 broken config.json", "04",
+     ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
      lambda r: write(r / "runs" / "tiny" / "config.json", '{"model_type": "nothing"}'),
      "runs/tiny: cannot load a model"),
-    ("04 catalog row without year", "04", ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
-     lambda r: first_line_replaced(r / "data" / "catalog.jsonl", lambda row: {"title": row["title"]}),
+    ("04 catalog row without year", "04",
+     ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
+     lambda r: first_line_replaced(r / "data" / "catalog.jsonl",
+                                   lambda row: {"title": row["title"]}),
      "catalog.jsonl:1: a catalog row needs"),
-    ("04 train not utf-8", "04", ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
-     lambda r: write(r / "data" / "train.jsonl", (r / "data" / "train.jsonl").read_bytes() + b"\xc3\x28\n"),
+    ("04 train not utf-8", "04",
+     ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
+     lambda r: write(r / "data" / "train.jsonl",
+                     (r / "data" / "train.jsonl").read_bytes() + b"\xc3\x28\n"),
      "train.jsonl:"),
     # 05
-    ("05 out is a file", "05", ["--data-dir", "{d}", "--models", "popularity", "--out", "{r}/afile"],
+    ("05 out is a file", "05",
+     ["--data-dir", "{d}", "--models", "popularity", "--out", "{r}/afile"],
      lambda r: write(r / "afile", "x"), "afile: exists and is not a directory"),
     ("05 missing model dir", "05", ["--data-dir", "{d}", "--models", "{r}/nothing/here"], None,
      "nothing/here: no such model directory"),
@@ -144,12 +168,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("name, script, args, mutate, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, script, args, mutate, message, world, tmp_path,
-                                                          capsys):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, script, args, mutate, message,
+                                                          world, tmp_path, capsys):
     root = tmp_path / "w"
     shutil.copytree(world, root)
-    for folder in ("released", "released2"):  # the demo world in the released layout, for --from-dir
-        shutil.copytree(root / "data", root / folder, ignore=shutil.ignore_patterns("sft_*", "catalog*"))
+    for folder in ("released", "released2"):  # the demo world in the released layout (--from-dir)
+        shutil.copytree(root / "data", root / folder,
+                        ignore=shutil.ignore_patterns("sft_*", "catalog*"))
     os.remove(root / "released2" / "test.jsonl")
     if mutate:
         mutate(root)
@@ -171,24 +196,29 @@ BAD_FLAGS = [
     ("03", ["--steps", "ten"]),
     ("04", ["--group-size", "1"]), ("04", ["--prompts-per-step", "0"]), ("04", ["--algo", "ppo"]),
     ("04", ["--reward", "ndcg"]), ("04", ["--aggregation", "mean"]), ("04", ["--steps", "0"]),
-    ("04", ["--save-every", "0"]), ("04", ["--micro-batch-size", "0"]), ("04", ["--temperature", "0"]),
+    ("04", ["--save-every", "0"]), ("04", ["--micro-batch-size", "0"]),
+    ("04", ["--temperature", "0"]),
     ("04", ["--adam-beta2", "1"]), ("04", ["--eps-low", "1"]), ("04", ["--lr", "nan"]),
     ("05", ["--split", "train"]), ("05", ["--limit", "-1"]), ("05", ["--batch-size", "0"]),
 ]
 
 
-@pytest.mark.parametrize("script, args", BAD_FLAGS, ids=[f"{s} {' '.join(a)}" for s, a in BAD_FLAGS])
-def test_a_bad_flag_is_argparses_usage_and_error_before_any_work(script, args, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("script, args", BAD_FLAGS,
+                         ids=[f"{s} {' '.join(a)}" for s, a in BAD_FLAGS])
+def test_a_bad_flag_is_argparses_usage_and_error_before_any_work(script, args, tmp_path, capsys,
+                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_stage(script, args, capsys)
     lines = err.strip().split("\n")
-    assert code == 2 and lines[0].startswith("usage: ") and f"error: argument {args[0]}" in lines[-1], err
+    assert (code == 2 and lines[0].startswith("usage: ")
+            and f"error: argument {args[0]}" in lines[-1]), err
     assert not list(tmp_path.iterdir())  # nothing read, nothing written
 
 
 # --- NaN: a diverged update stops with the step named, and no weights are written ----------------
 
-def test_a_non_finite_rl_gradient_stops_the_run_and_writes_no_model(world, tmp_path, capsys, monkeypatch):
+def test_a_non_finite_rl_gradient_stops_the_run_and_writes_no_model(world, tmp_path, capsys,
+                                                                    monkeypatch):
     real = rg.rank_grpo_loss
 
     def nan_loss(*args, **kwargs):
@@ -196,18 +226,24 @@ def test_a_non_finite_rl_gradient_stops_the_run_and_writes_no_model(world, tmp_p
         return loss * float("nan"), stats
     monkeypatch.setattr(rg, "rank_grpo_loss", nan_loss)
     out = tmp_path / "rl"
-    code, err = run_stage("04", ["--data-dir", str(world / "data"), "--model", str(world / "runs" / "tiny"),
-                                 "--out", str(out), "--steps", "2", "--prompts-per-step", "1", "--group-size", "2",
-                                 "--max-new-tokens", "8", "--val-every", "0", "--save-every", "1"], capsys)
-    assert code == 2 and err.startswith("error: step 1: the gradient norm is nan") and err.count("\n") == 1
+    code, err = run_stage("04", ["--data-dir", str(world / "data"),
+                                 "--model", str(world / "runs" / "tiny"), "--out", str(out),
+                                 "--steps", "2", "--prompts-per-step", "1", "--group-size", "2",
+                                 "--max-new-tokens", "8", "--val-every", "0", "--save-every", "1"],
+                          capsys)
+    assert (code == 2 and err.startswith("error: step 1: the gradient norm is nan")
+            and err.count("\n") == 1)
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
 
 
-def test_a_non_finite_sft_loss_stops_the_run_and_writes_no_model(world, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sft, "completion_nll", lambda logp, mask: (logp * mask).sum() * float("nan"))
+def test_a_non_finite_sft_loss_stops_the_run_and_writes_no_model(world, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setattr(sft, "completion_nll",
+                        lambda logp, mask: (logp * mask).sum() * float("nan"))
     out = tmp_path / "sft"
-    code, err = run_stage("03", ["--data-dir", str(world / "data"), "--model", "tiny", "--out", str(out),
-                                 "--steps", "2", "--batch-size", "2", "--eval-every", "0", "--save-every", "1"],
+    code, err = run_stage("03", ["--data-dir", str(world / "data"), "--model", "tiny",
+                                 "--out", str(out), "--steps", "2", "--batch-size", "2",
+                                 "--eval-every", "0", "--save-every", "1"],
                           capsys)
     assert code == 2 and err.startswith("error: step 1: the loss (nan)") and err.count("\n") == 1
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
@@ -240,7 +276,8 @@ t.checkpoint_once({run!r}, model, tok, 1)
 point, renames = {point!r}, []
 real_replace, real_rmtree, real_save = os.replace, common.shutil.rmtree, common.torch.save
 
-def replace(src, dst):  # the swap: checkpoint -> .checkpoint.old*, then .checkpoint.tmp* -> checkpoint
+# the swap: checkpoint -> .checkpoint.old*, then .checkpoint.tmp* -> checkpoint
+def replace(src, dst):
     renames.append(src)
     if (point, len(renames)) in (("first rename", 1), ("second rename", 2)):
         os._exit(9)  # like SIGKILL: no cleanup, no finally
@@ -261,14 +298,16 @@ t.checkpoint_once({run!r}, model, tok, 2)
 """
 
 
-@pytest.mark.parametrize("point, newest", [("writing", 1), ("first rename", 2), ("second rename", 2),
-                                           ("removing the old one", 2)])
-def test_a_kill_while_a_checkpoint_is_replaced_keeps_the_newest_complete_one(point, newest, tmp_path):
+@pytest.mark.parametrize("point, newest", [("writing", 1), ("first rename", 2),
+                                           ("second rename", 2), ("removing the old one", 2)])
+def test_a_kill_while_a_checkpoint_is_replaced_keeps_the_newest_complete_one(point, newest,
+                                                                             tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
     script = KILL.format(root=str(ROOT), tests=str(ROOT / "tests"), run=str(tmp_path), point=point)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 9, res.stderr[-2000:]  # killed where the test meant it
     assert common.complete_checkpoints(tmp_path)[-1][0] == newest
     model, tok = common.load_model("tiny")

@@ -62,14 +62,15 @@ def test_yardsticks_oracle_beats_popularity(demo_data):
 def test_catalog_counts_are_train_ground_truth(demo_data):
     rows = common.read_rows(demo_data / "train.jsonl", "")
     catalog = common.read_jsonl(demo_data / "catalog.jsonl")
-    assert sum(c["count"] for c in catalog) == sum(len(r["groundtruth_with_release_year"]) for r in rows)
+    assert (sum(c["count"] for c in catalog)
+            == sum(len(r["groundtruth_with_release_year"]) for r in rows))
 
 
-# --- the released format ---------------------------------------------------------------------------
+# --- the released format --------------------------------------------------------------------------
 
 def released_row(conv, gt, seen=("Heat",)):
-    return {"prompt": [{"role": "user", "content": f"conversation {conv}"}], "seen_titles": list(seen),
-            "groundtruth_with_release_year": [[t, y] for t, y in gt]}
+    return {"prompt": [{"role": "user", "content": f"conversation {conv}"}],
+            "seen_titles": list(seen), "groundtruth_with_release_year": [[t, y] for t, y in gt]}
 
 
 @pytest.fixture
@@ -88,12 +89,14 @@ def test_import_released_format(released, tmp_path):
     out = tmp_path / "data"
     cat01.main(["--data-dir", str(out), "--from-dir", str(released)])
     train = common.read_rows(out / "train.jsonl", "")
-    assert [r["groundtruth_with_release_year"] for r in train][0] == [["Alien", "1979"]]  # years stay str
+    # years stay str
+    assert [r["groundtruth_with_release_year"] for r in train][0] == [["Alien", "1979"]]
     a, b, c = (r["id"] for r in train)
     assert a.split("#")[0] == b.split("#")[0] != c.split("#")[0]  # same prompt -> same conversation
     assert a.endswith("#0") and b.endswith("#1")
     assert len(common.read_rows(out / "val.jsonl", "")) == 1
-    catalog = {(c["title"], c["year"]): c["count"] for c in common.read_jsonl(out / "catalog.jsonl")}
+    catalog = {(c["title"], c["year"]): c["count"]
+               for c in common.read_jsonl(out / "catalog.jsonl")}
     assert catalog == {("Alien", 1979): 2, ("Ronin", 1998): 1, ("Heat", 1995): 1, ("Dune", 2021): 0,
                        ("Gravity", 2013): 0}
     assert common.data_n(out) == 20  # the released prompts ask for the paper's N
@@ -130,8 +133,8 @@ def test_restricted_unpickler_refuses_code(tmp_path, payload):
     assert not os.path.exists("/tmp/convrec_pwned")
 
 
-@pytest.mark.parametrize("obj", [{"Alien": 1979}, [("Alien", "1979")], [("Alien", 1979.0)], [("Alien",)],
-                                 [("Alien", True)]])
+@pytest.mark.parametrize("obj", [{"Alien": 1979}, [("Alien", "1979")], [("Alien", 1979.0)],
+                                 [("Alien",)], [("Alien", True)]])
 def test_restricted_unpickler_refuses_other_shapes(tmp_path, obj):
     pkl = tmp_path / "c.pkl"
     pkl.write_bytes(pickle.dumps(obj))

@@ -60,8 +60,8 @@ def test_parse_line_accepts(line, expected):
 
 
 @pytest.mark.parametrize("line", [
-    "", "   ", "Heat", "Heat 1995", "Heat (95)", "Heat (995)", "Heat (19955)", "(1995)", "1. (1995)",
-    "Sure! Here are 20 movies:", "Heat - a 1995 classic", '""(1995)', "**",
+    "", "   ", "Heat", "Heat 1995", "Heat (95)", "Heat (995)", "Heat (19955)", "(1995)",
+    "1. (1995)", "Sure! Here are 20 movies:", "Heat - a 1995 classic", '""(1995)', "**",
 ])
 def test_parse_line_rejects(line):
     assert parse_line(line) is None
@@ -85,11 +85,14 @@ TRICKY_TITLES = [  # the shapes of real catalog titles (IMDb / MovieLens / Reddi
     ("2001: A Space Odyssey", 1968), ("Star Wars: Episode IV - A New Hope", 1977),
     ("Birdman or (The Unexpected Virtue of Ignorance)", 2014), ("(500) Days of Summer", 2009),
     ("1917", 2019), ("300", 2006), ("9", 2009), ("12 Angry Men", 1957), ("M*A*S*H", 1970),
-    ("Am\u00e9lie", 2001), ("Y Tu Mam\u00e1 Tambi\u00e9n", 2001), ("L\u00e9on: The Professional", 1994),
+    ("Am\u00e9lie", 2001), ("Y Tu Mam\u00e1 Tambi\u00e9n", 2001),
+    ("L\u00e9on: The Professional", 1994),
     ("Crouching Tiger, Hidden Dragon", 2000), ("What's Eating Gilbert Grape", 1993),
     ("Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb", 1964),
-    ("Se7en", 1995), ("WALL\u00b7E", 2008), ("Mission: Impossible - Fallout", 2018), ("Pok\u00e9mon: The First Movie", 1998),
-    ("Les Mis\u00e9rables", 2012), ("\u5343\u3068\u5343\u5c0b\u306e\u795e\u96a0\u3057", 2001), ("O Brother, Where Art Thou?", 2000),
+    ("Se7en", 1995), ("WALL\u00b7E", 2008), ("Mission: Impossible - Fallout", 2018),
+    ("Pok\u00e9mon: The First Movie", 1998), ("Les Mis\u00e9rables", 2012),
+    ("\u5343\u3068\u5343\u5c0b\u306e\u795e\u96a0\u3057", 2001),
+    ("O Brother, Where Art Thou?", 2000),
     ("Who Framed Roger Rabbit", 1988), ("Monsters, Inc.", 2001), ("I, Robot", 2004),
 ]
 
@@ -117,8 +120,10 @@ def test_every_title_of_a_released_format_catalog_round_trips(tmp_path):
 
 
 def test_a_title_wrapped_in_quotes_or_emphasis_still_matches_its_catalog_item():
-    cat = Catalog([{"title": "*batteries not included", "year": 1987}, {"title": '"Heat"', "year": 1995}])
-    for line, index in (("*batteries not included (1987)", 0), ('"Heat" (1995)', 1), ("Heat (1995)", 1)):
+    cat = Catalog([{"title": "*batteries not included", "year": 1987},
+                   {"title": '"Heat"', "year": 1995}])
+    for line, index in (("*batteries not included (1987)", 0), ('"Heat" (1995)', 1),
+                        ("Heat (1995)", 1)):
         assert cat.find(*parse_line(line)) == index, line
 
 
@@ -186,7 +191,7 @@ def test_relevance_parenthesised_title_matches():
     assert j["rel"] == [1]
 
 
-# --- metrics ---------------------------------------------------------------------------------------
+# --- metrics --------------------------------------------------------------------------------------
 
 def test_recall_and_ndcg_hand_computed():
     hits = [0, 1, 0, 1, 0]
@@ -231,7 +236,7 @@ def test_mean_and_se_clusters_by_conversation():
     assert se == pytest.approx(math.sqrt(1 / 3) / 2)
 
 
-# --- files ------------------------------------------------------------------------------------------
+# --- files ----------------------------------------------------------------------------------------
 
 def test_read_jsonl_error_names_file_and_line(tmp_path):
     p = tmp_path / "x.jsonl"
@@ -289,7 +294,7 @@ def test_parse_config_flags_from_dataclass():
     assert common.parse_config(C, []).ks == [5, 10]
 
 
-# --- models -----------------------------------------------------------------------------------------
+# --- models ---------------------------------------------------------------------------------------
 
 def test_tiny_tokenizer_has_smollm2_shape(tiny):
     model, tok = tiny
@@ -314,9 +319,11 @@ def test_tiny_model_round_trips_save_and_load(tiny, tmp_path):
 
 def test_greedy_decoding_is_the_argmax_of_the_plain_forward_pass_and_stops_at_eos(tiny):
     model, tok = tiny
-    prompts = [tok.encode("Heat (1995)\nAlien"), tok.encode("a longer prompt about Jaws (1975) and")]
+    prompts = [tok.encode("Heat (1995)\nAlien"),
+               tok.encode("a longer prompt about Jaws (1975) and")]
     got = common.decode(model, prompts, 12, [], tok.pad_token_id, greedy=True)
-    for p, c in zip(prompts, got):  # no repetition penalty, no processors: argmax of the model itself
+    # no repetition penalty, no processors: argmax of the model itself
+    for p, c in zip(prompts, got):
         with torch.no_grad():
             logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]
         assert c == logits.argmax(-1).tolist() and len(c) == 12
@@ -329,11 +336,13 @@ def test_greedy_decoding_is_the_argmax_of_the_plain_forward_pass_and_stops_at_eo
 def test_compiled_decoding_on_a_static_cache_equals_eager_decoding(tiny):
     """--compile's path (static cache, fixed shapes, torch.compile; ~25 s of compiling on a CPU)."""
     model, tok = tiny
-    prompts = [tok.encode("Heat (1995)\nAlien"), tok.encode("a longer prompt about Jaws (1975) and")]
+    prompts = [tok.encode("Heat (1995)\nAlien"),
+               tok.encode("a longer prompt about Jaws (1975) and")]
     eager = common.decode(model, prompts, 10, [], tok.pad_token_id, greedy=True)
     stop = eager[0][0]
     eager_stop = common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True)
-    assert common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True, compile=True) == eager_stop
+    assert common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True,
+                         compile=True) == eager_stop
     model._compiled_forward = None
 
 
@@ -344,19 +353,21 @@ def test_sampling_draws_from_the_whole_softmax(tiny, temperature):
     model, tok = tiny
     prompt = tok.encode("Recommend movies like Heat (1995)")
     torch.manual_seed(0)
-    draws = [c[0] for c in common.decode(model, [prompt], 1, [], tok.pad_token_id, temperature=temperature,
-                                         repeats=4000)]
+    draws = [c[0] for c in common.decode(model, [prompt], 1, [], tok.pad_token_id,
+                                         temperature=temperature, repeats=4000)]
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
     freq = torch.bincount(torch.tensor(draws), minlength=probs.numel()).float() / len(draws)
     outside = ~torch.isin(torch.tensor(draws), probs.topk(50).indices)
-    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(), abs=0.04)
+    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(),
+                                                          abs=0.04)
     assert 0.5 * (freq - probs).abs().sum() < 0.2  # total variation: ~0.12 from 4000 draws alone
 
 
 def test_generate_batched_matches_one_by_one(tiny):
     model, tok = tiny
-    prompts = [common.task_prompt("short", 3), common.task_prompt("a much longer conversation " * 5, 3)]
+    prompts = [common.task_prompt("short", 3),
+               common.task_prompt("a much longer conversation " * 5, 3)]
     together = common.generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
     alone = [common.generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert together == alone
@@ -365,7 +376,8 @@ def test_generate_batched_matches_one_by_one(tiny):
 def plain_logprobs(model, prompt, completion, temperature=1.0):
     """log pi of each completion token from the plain forward pass of the sequence alone."""
     logits = model(torch.tensor([prompt + completion])).logits.float()[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+    return torch.log_softmax(logits / temperature, -1).gather(
+        -1, torch.tensor(completion)[:, None]).squeeze(-1)
 
 
 # prompts of different lengths (left-padded in one batch), shared by several completions
@@ -383,7 +395,8 @@ def test_completion_logprobs_equal_the_plain_forward_pass(tiny, temperature, sha
     with torch.no_grad():
         lp = common.completion_logprobs(model, batch, temperature, share, chunk=3)
         for i in range(3):
-            assert torch.allclose(lp[i, :len(comps[i])], plain_logprobs(model, prompts[i], comps[i], temperature),
+            assert torch.allclose(lp[i, :len(comps[i])],
+                                  plain_logprobs(model, prompts[i], comps[i], temperature),
                                   atol=1e-5)
 
 
@@ -429,7 +442,8 @@ def test_save_model_keeps_other_files_in_the_run_dir(tiny, tmp_path):
 
 
 def test_render_list_marks_each_line():
-    row = {"id": "c#0", "seen_titles": ["Heat"], "groundtruth_with_release_year": [["Alien", "1979"]]}
+    row = {"id": "c#0", "seen_titles": ["Heat"],
+           "groundtruth_with_release_year": [["Alien", "1979"]]}
     text = "Alien (1979)\nHeat (1995)\nTitanic (1997)\nAlien (1979)\njunk\nRonin (1998)"
     out = common.render_list(text, row, CAT, 5, rewards=[1, 0, 0, 0, 0]).split("\n")
     assert "ground truth: Alien (1979)" in out[0]
@@ -460,7 +474,8 @@ def test_start_run_refuses_a_resume_that_changes_the_trajectory(tmp_path):
 
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / ".checkpoint.old123").mkdir()  # what a kill in the middle of a swap leaves
-    with pytest.raises(common.DataError, match="holds an earlier run .checkpoint.; --resume continues it"):
+    with pytest.raises(common.DataError,
+                       match="holds an earlier run .checkpoint.; --resume continues it"):
         common.start_run(tmp_path, C(), resume=False, trajectory=("lr",))
     assert (tmp_path / "checkpoint").exists()  # refused: nothing removed
     common.start_run(tmp_path, C(), resume=False, trajectory=("lr",), overwrite=True)

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def sft_data(demo_data, tmp_path_factory):
-    """The demo world plus SFT rows: each row's ground truth, padded to N lines with catalog items."""
+    """The demo world plus SFT rows: each row's ground truth, padded to N lines from the catalog."""
     out = tmp_path_factory.mktemp("sftdata")
     for f in demo_data.iterdir():
         (out / f.name).write_bytes(f.read_bytes())
@@ -41,8 +41,8 @@ def sft_data(demo_data, tmp_path_factory):
 
 def torchrun(script, *args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(ROOT / script), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -54,8 +54,10 @@ def weights(d):
 
 def test_sft_two_processes_equal_one(sft_data, tmp_path):
     args = ["--model", "tiny", "--data-dir", str(sft_data), "--steps", "3", "--batch-size", "4",
-            "--micro-batch-size", "1", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0", "--cpu"]
-    one = subprocess.run([sys.executable, str(ROOT / "03_sft.py"), *args, "--out", str(tmp_path / "one")],
+            "--micro-batch-size", "1", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0",
+            "--cpu"]
+    one = subprocess.run([sys.executable, str(ROOT / "03_sft.py"), *args,
+                          "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("03_sft.py", *args, "--out", str(tmp_path / "two"))
@@ -74,11 +76,12 @@ def test_sft_two_processes_equal_one(sft_data, tmp_path):
 def _learn(rank, world, port, ro_path, out_path):
     """One process of the 04 equivalence test: one rl_step on its share of fixed rollouts, recording
     the step's normalisers and the all-reduced gradients that reach the optimizer."""
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     common.setup_distributed(cpu=True)
-    ro, catalog, cfg = torch.load(ro_path, weights_only=False)  # written by this test, not user input
+    # written by this test, not user input
+    ro, catalog, cfg = torch.load(ro_path, weights_only=False)
     model, tok = common.load_model("tiny")
     ref, _ = common.load_model("tiny")
     per = len(ro.texts) // world
@@ -109,15 +112,17 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
     exact (normalisers, the all-reduced gradients up to float summation order); the weights after
     two Adam steps within a small fraction of the update (Adam rescales rounding differences)."""
     model, tok = common.load_model("tiny")
-    cfg = rg.resolve(rg.Config(group_size=3, max_new_tokens=20, micro_batch_size=2, lr=1e-3, algo=algo, mu=2,
-                                   bf16=False), 2)  # fp32: bf16 rounding differs with the micro-batch shapes
+    # fp32: bf16 rounding differs with the micro-batch shapes
+    cfg = rg.resolve(rg.Config(group_size=3, max_new_tokens=20, micro_batch_size=2, lr=1e-3,
+                               algo=algo, mu=2, bf16=False), 2)
     catalog = common.Catalog([{"title": "Heat", "year": 1995}, {"title": "Alien", "year": 1979}])
-    rows = [{"id": f"c{i}#0", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}
-            for i in range(2)]
+    rows = [{"id": f"c{i}#0", "seen_titles": [],
+             "groundtruth_with_release_year": [["Heat", "1995"]]} for i in range(2)]
     torch.manual_seed(0)
-    ro = rg.sample_rollouts(model, tok, [tok.encode("Heat (1995)\n"), tok.encode("Alien\n")], rows, cfg,
-                            [tok.eos_token_id])
-    ro.texts[0], ro.texts[4] = "Heat (1995)\nAlien (1979)", "x\nHeat (1995)"  # some rewards to learn from
+    ro = rg.sample_rollouts(model, tok, [tok.encode("Heat (1995)\n"), tok.encode("Alien\n")],
+                            rows, cfg, [tok.eos_token_id])
+    # some rewards to learn from
+    ro.texts[0], ro.texts[4] = "Heat (1995)\nAlien (1979)", "x\nHeat (1995)"
     ro_path = tmp_path / "ro.pt"
     torch.save((ro, catalog, cfg), ro_path)
     mp.spawn(_learn, args=(1, free_port(), ro_path, tmp_path / "one.pt"), nprocs=1)
@@ -139,15 +144,17 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
 def test_rank_grpo_under_torchrun_logs_once_and_resumes(demo_data, tmp_path):
     model, tok = common.load_model("tiny")
     common.save_model(model, tok, tmp_path / "sft")
-    args = ["--data-dir", str(demo_data), "--model", str(tmp_path / "sft"), "--out", str(tmp_path / "rl"),
-            "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "12", "--val-every", "0",
-            "--save-every", "1", "--n-items", "1", "--cpu"]
+    args = ["--data-dir", str(demo_data), "--model", str(tmp_path / "sft"),
+            "--out", str(tmp_path / "rl"), "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "12", "--val-every", "0", "--save-every", "1", "--n-items", "1",
+            "--cpu"]
     torchrun("04_rank_grpo.py", *args, "--steps", "2")
     torchrun("04_rank_grpo.py", *args, "--steps", "3", "--resume")
-    steps = [json.loads(x)["step"] for x in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"]
+             for x in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert (tmp_path / "rl" / "model.safetensors").exists()
     # the checkpoint holds two processes' random states: one process cannot continue it exactly
-    res = subprocess.run([sys.executable, str(ROOT / "04_rank_grpo.py"), *args, "--steps", "4", "--resume"],
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, str(ROOT / "04_rank_grpo.py"), *args, "--steps", "4",
+                          "--resume"], capture_output=True, text=True)
     assert res.returncode == 2 and "saved by 2 process(es), resumed with 1" in res.stderr

@@ -1,4 +1,4 @@
-"""05_eval.py: metrics of given generations, one generation per prompt, outputs, plots, --compare."""
+"""05_eval.py: metrics of given texts, one generation per prompt, outputs, plots, --compare."""
 
 import csv
 import json
@@ -33,7 +33,7 @@ ROWS = [make_row("c1#0", "conversation one", [("Bravo", 2001), ("Delta", 2003)],
         make_row("c2#0", "conversation two", [("Charlie", 2002)])]
 KEY1, KEY2 = common.prompt_key(ROWS[0]["prompt"]), common.prompt_key(ROWS[2]["prompt"])
 TEXTS = {
-    # seen, hit, not an item, out of catalog, miss, hit at line 6 (past N = 5 in the aligned protocol)
+    # seen, hit, not an item, out of catalog, miss, hit at line 6 (aligned protocol: past N = 5)
     KEY1: "Alpha (2000)\nBravo (2001)\nnot a movie\nZulu (1999)\nGolf (2006)\nDelta (2003)",
     # hit, a repeat of it, miss
     KEY2: "Charlie (2002)\nCharlie (2002)\nFoxtrot (2005)",
@@ -61,7 +61,8 @@ def test_per_row_metrics_both_protocols_by_hand():
     assert r1["recall@5_aligned"] == pytest.approx(0.5)
     assert r1["ndcg@5_aligned"] == pytest.approx((1 / math.log2(3)) / IDCG2)
     # row 2 shares row 1's text but not its ground truth
-    assert r2["hits_filtered"] == [0, 0, 0] and r2["recall@5_filtered"] == 0 and r2["ndcg@5_aligned"] == 0
+    assert (r2["hits_filtered"] == [0, 0, 0] and r2["recall@5_filtered"] == 0
+            and r2["ndcg@5_aligned"] == 0)
     # row 3: the repeat scores 0 in both protocols
     assert r3["hits_filtered"] == [1, 0, 0] and r3["hits_aligned"] == [1, 0, 0]
     assert r3["ndcg@5_filtered"] == pytest.approx(1.0)
@@ -117,20 +118,21 @@ def test_compare_table_shows_mean_and_se():
 def test_paired_differences_by_hand():
     def sample(rid, hits, n_gt=1):
         return {"id": rid, "hits_filtered": hits, "groundtruth": [["x", "2000"]] * n_gt}
-    a = [sample("c1#0", [0, 0]), sample("c1#1", [0, 0]), sample("c2#0", [0, 0]), sample("c3#0", [1, 0])]
-    b = [sample("c1#0", [1, 0]), sample("c1#1", [0, 1]), sample("c2#0", [0, 0]), sample("c3#0", [1, 0]),
-         sample("c9#0", [1, 1])]  # c9 only in b: not paired
+    a = [sample("c1#0", [0, 0]), sample("c1#1", [0, 0]), sample("c2#0", [0, 0]),
+         sample("c3#0", [1, 0])]
+    b = [sample("c1#0", [1, 0]), sample("c1#1", [0, 1]), sample("c2#0", [0, 0]),
+         sample("c3#0", [1, 0]), sample("c9#0", [1, 1])]  # c9 only in b: not paired
     evals = [{"model": "a", "ks": [2]}, {"model": "b", "ks": [2]}]
     table = ev.paired_table(evals, [a, b])
-    # R@2 differences per row: 1, 1, 0, 0 -> per conversation c1: 1, c2: 0, c3: 0; mean over rows 0.5,
-    # SE from the conversation means (1, 0, 0): std 0.5774 / sqrt(3) = 0.3333
+    # R@2 differences per row: 1, 1, 0, 0 -> per conversation c1: 1, c2: 0, c3: 0; mean over rows
+    # 0.5, SE from the conversation means (1, 0, 0): std 0.5774 / sqrt(3) = 0.3333
     assert "| b − a | 4 | +0.5000 ± 0.3333 (+1.5 SE) |" in table
     # N@2: rank 1 hit = 1, rank 2 hit = 1/log2(3) = 0.6309 -> rows 1, 0.6309, 0, 0; mean 0.4077;
     # conversation means (0.8155, 0, 0): std 0.4708 / sqrt(3) = 0.2718
     assert "+0.4077 ± 0.2718 (+1.5 SE) |" in table
 
 
-# --- generation: one per unique prompt --------------------------------------------------------------
+# --- generation: one per unique prompt ------------------------------------------------------------
 
 def test_rows_sharing_a_prompt_are_generated_once(tiny, monkeypatch):
     model, tok = tiny
@@ -143,7 +145,8 @@ def test_rows_sharing_a_prompt_are_generated_once(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(common, "generate", counting)
-    texts = common.generate_for_rows(model, tok, ROWS, max_new_tokens=3, batch_size=8, max_prompt_tokens=256)
+    texts = common.generate_for_rows(model, tok, ROWS, max_new_tokens=3, batch_size=8,
+                                     max_prompt_tokens=256)
     assert len(calls) == 1
     prompts, outputs = calls[0]
     assert prompts == [ROWS[0]["prompt"], ROWS[2]["prompt"]]
@@ -157,7 +160,7 @@ def test_first_conversations_keeps_whole_conversations_in_file_order():
     assert common.first_conversations(rows, 0) == rows
 
 
-# --- models: names, run directories, errors -----------------------------------------------------------
+# --- models: names, run directories, errors -------------------------------------------------------
 
 def test_default_models_are_popularity_smollm2_and_the_finished_runs(tmp_path):
     (tmp_path / "sft").mkdir()
@@ -168,7 +171,8 @@ def test_default_models_are_popularity_smollm2_and_the_finished_runs(tmp_path):
 
 def test_resolve_model_names():
     assert ev.resolve_model("smollm2") == ("smollm2", "smollm2")
-    assert ev.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct")
+    assert ev.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen2.5-0.5B-Instruct",
+                                                             "Qwen/Qwen2.5-0.5B-Instruct")
 
 
 @pytest.mark.parametrize("make_dir", [False, True])
@@ -177,7 +181,8 @@ def test_missing_model_dir_is_one_line_and_exit_2(tmp_path, demo_data, capsys, m
     if make_dir:  # a run directory that holds logs but no saved model
         run_dir.mkdir(parents=True)
         (run_dir / "log.jsonl").write_text('{"step": 1}\n')
-    argv = ["--models", "tiny", str(run_dir), "--data-dir", str(demo_data), "--out", str(tmp_path / "eval")]
+    argv = ["--models", "tiny", str(run_dir), "--data-dir", str(demo_data),
+            "--out", str(tmp_path / "eval")]
     with pytest.raises(SystemExit) as e:
         common.run(lambda: ev.main(argv))
     assert e.value.code == 2
@@ -186,7 +191,7 @@ def test_missing_model_dir_is_one_line_and_exit_2(tmp_path, demo_data, capsys, m
     assert not (tmp_path / "eval").exists()  # checked before the first model ran
 
 
-# --- training curves -------------------------------------------------------------------------------
+# --- training curves ------------------------------------------------------------------------------
 
 def test_training_series_picks_the_keys_and_skips_the_rest():
     log = [{"step": 1, "reward@1": 0.1, "reward@10": 0.0, "loss": 3.0},
@@ -200,44 +205,50 @@ def test_training_series_picks_the_keys_and_skips_the_rest():
 
 
 def test_plot_training_skips_a_log_without_curves(tmp_path):
-    assert ev.plot_training("x", [{"step": 1, "lr": 2.0, "grad_norm": 1.0}], tmp_path / "t.png") is False
+    assert ev.plot_training("x", [{"step": 1, "lr": 2.0, "grad_norm": 1.0}],
+                            tmp_path / "t.png") is False
     assert not (tmp_path / "t.png").exists()
 
 
-# --- smoke: main() on the tiny model and a small demo world ---------------------------------------------
+# --- smoke: main() on the tiny model and a small demo world ---------------------------------------
 
 def assert_png(path):
     import matplotlib.image
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 5000
     pixels = matplotlib.image.imread(str(path))
-    assert pixels.shape[0] > 200 and pixels.shape[1] > 300 and pixels.std() > 0.01  # not a blank image
+    # not a blank image
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300 and pixels.std() > 0.01
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, demo_data):
-    """tiny (a name) and runs/sft (a saved tiny with a training log) evaluated on 3 test conversations,
-    counting the prompts that reach common.generate."""
+    """tiny (a name) and runs/sft (a saved tiny with a training log) evaluated on 3 test
+    conversations, counting the prompts that reach common.generate."""
     tmp = tmp_path_factory.mktemp("eval05")
     model, tok = common.load_model("tiny")
     run = tmp / "runs" / "sft"
     common.save_model(model, tok, run)
     common.write_jsonl(run / "log.jsonl", [
-        {"step": s, "loss": 1.0 / s, "reward@1": 0.1 * s, "reward@5": 0.05 * s, "reward@10": 0.02 * s,
-         **({"val_ndcg@5": 0.01 * s} if s % 3 == 0 else {})} for s in range(1, 13)])
+        {"step": s, "loss": 1.0 / s, "reward@1": 0.1 * s, "reward@5": 0.05 * s,
+         "reward@10": 0.02 * s, **({"val_ndcg@5": 0.01 * s} if s % 3 == 0 else {})}
+        for s in range(1, 13)])
     out = tmp / "eval"
     generated = []
     real = common.generate
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "generate", lambda m, t, prompts, **kw: generated.append(len(prompts)) or real(m, t, prompts, **kw))
+        mp.setattr(common, "generate",
+                   lambda m, t, prompts, **kw: generated.append(len(prompts))
+                   or real(m, t, prompts, **kw))
         ev.main(["--models", "tiny", str(run), "--data-dir", str(demo_data), "--out", str(out),
                  "--limit", "3", "--max-new-tokens", "4"])
     return tmp, out, generated
 
 
-EXPECTED_KEYS = {"model", "path", "split", "data_dir", "n", "ks", "rows", "conversations", "generations",
-                 "in_catalog_rate", "valid_rate", "duplicate_rate", "list_length", "exact_n", "n_lines",
-                 "completion_tokens", "max_new_tokens", "seconds", "generation_seconds", "device", "config"}
+EXPECTED_KEYS = {"model", "path", "split", "data_dir", "n", "ks", "rows", "conversations",
+                 "generations", "in_catalog_rate", "valid_rate", "duplicate_rate", "list_length",
+                 "exact_n", "n_lines", "completion_tokens", "max_new_tokens", "seconds",
+                 "generation_seconds", "device", "config"}
 
 
 def test_smoke_outputs_are_complete(evaluated, demo_data):
@@ -260,14 +271,16 @@ def test_smoke_outputs_are_complete(evaluated, demo_data):
         with open(out / name / "per_rank.csv", newline="") as f:
             table = list(csv.DictReader(f))
         assert [int(r["rank"]) for r in table] == [1, 2, 3, 4, 5]
-        assert {"hit_rate_filtered", "hit_rate_aligned", "hits_filtered", "hits_aligned"} <= set(table[0])
+        assert ({"hit_rate_filtered", "hit_rate_aligned", "hits_filtered", "hits_aligned"}
+                <= set(table[0]))
         samples = common.read_jsonl(out / name / "samples.jsonl")
         assert [s["id"] for s in samples] == [r["id"] for r in rows]
         by_key = {}
         for s in samples:  # rows of one conversation carry the same generation
             assert by_key.setdefault(s["prompt_key"], s["text"]) == s["text"]
             assert len(s["rel"]) == len(s["items"]) == len(common.split_lines(s["text"]))
-    assert json.loads((out / "sft" / "metrics.json").read_text())["path"] == str(evaluated[0] / "runs" / "sft")
+    assert (json.loads((out / "sft" / "metrics.json").read_text())["path"]
+            == str(evaluated[0] / "runs" / "sft"))
 
 
 def test_smoke_compares_two_models_with_plots(evaluated):
@@ -288,9 +301,11 @@ def test_compare_dirs_and_a_log_without_curves(evaluated, capsys):
     (other_run / "log.jsonl").write_text('{"step": 1, "lr": 2.0}\n')
     shutil.copytree(out / "tiny", tmp / "other")
     m = json.loads((tmp / "other" / "metrics.json").read_text())
-    (tmp / "other" / "metrics.json").write_text(json.dumps({**m, "model": "other", "path": str(other_run)}))
+    (tmp / "other" / "metrics.json").write_text(json.dumps({**m, "model": "other",
+                                                            "path": str(other_run)}))
     cmp_out = tmp / "cmp"
-    ev.main(["--compare", str(out / "tiny"), str(out / "sft"), str(tmp / "other"), "--out", str(cmp_out)])
+    ev.main(["--compare", str(out / "tiny"), str(out / "sft"), str(tmp / "other"),
+             "--out", str(cmp_out)])
     table = (cmp_out / "compare.md").read_text()
     assert table.count("| test |") == 3 and "| other | test |" in table
     printed = capsys.readouterr().out

@@ -14,9 +14,10 @@ from conftest import ROOT, stage
 
 sft = stage("03_sft")
 
-MOVIES = [("Heat", 1995), ("Alien", 1979), ("The Matrix", 1999), ("Toy Story", 1995), ("Jaws", 1975),
-          ("The Godfather", 1972), ("Pulp Fiction", 1994), ("Spirited Away", 2001), ("The Shining", 1980),
-          ("Casablanca", 1942), ("Titanic", 1997), ("Gravity", 2013), ("Inception", 2010), ("Rocky", 1976)]
+MOVIES = [("Heat", 1995), ("Alien", 1979), ("The Matrix", 1999), ("Toy Story", 1995),
+          ("Jaws", 1975), ("The Godfather", 1972), ("Pulp Fiction", 1994), ("Spirited Away", 2001),
+          ("The Shining", 1980), ("Casablanca", 1942), ("Titanic", 1997), ("Gravity", 2013),
+          ("Inception", 2010), ("Rocky", 1976)]
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def one_thread():
 
 
 def fresh_model(tok):
-    """A new tiny model with the same initial weights every time (the session's `tiny` is shared)."""
+    """A new tiny model with the same initial weights each time (the session's `tiny` is shared)."""
     return common.build_tiny_model(len(tok), seed=0)
 
 
@@ -38,18 +39,19 @@ def examples(tok, specs):
     """Hand-made examples: (prompt text, completion items) -> Example with EOS appended."""
     out = []
     for text, items in specs:
-        prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True)
+        prompt = tok.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, tokenize=True)
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         out.append(sft.Example(prompt, tok.encode(common.format_items(items)) + [tok.eos_token_id]))
     return out
 
 
 def sft_data(dir_, n_rows, n=5, short=True):
-    """A data directory with a catalog, catalog_summary.json and SFT rows of short conversations whose
-    completions are n movies each (what 02_build_sft.py writes, in miniature)."""
+    """A data directory with a catalog, catalog_summary.json and SFT rows of short conversations
+    whose completions are n movies each (what 02_build_sft.py writes, in miniature)."""
     dir_.mkdir(parents=True, exist_ok=True)
-    common.write_jsonl(dir_ / "catalog.jsonl", [{"title": t, "year": y, "count": 1} for t, y in MOVIES])
+    common.write_jsonl(dir_ / "catalog.jsonl",
+                       [{"title": t, "year": y, "count": 1} for t, y in MOVIES])
     common.write_json(dir_ / "catalog_summary.json", {"n": n})
     for split, count in (("train", n_rows), ("val", 2)):
         rows = []
@@ -57,9 +59,12 @@ def sft_data(dir_, n_rows, n=5, short=True):
             j = i + (100 if split == "val" else 0)
             items = [MOVIES[(j * 3 + k) % len(MOVIES)] for k in range(n)]
             seen = MOVIES[j % len(MOVIES)][0]
-            rows.append({"id": f"{split}{i}#0", "prompt": [{"role": "user", "content": f"Movies like {seen}?"}],
-                         "seen_titles": [seen], "groundtruth_with_release_year": [[items[0][0], str(items[0][1])]],
-                         "completion": [{"role": "assistant", "content": common.format_items(items)}]})
+            rows.append({"id": f"{split}{i}#0",
+                         "prompt": [{"role": "user", "content": f"Movies like {seen}?"}],
+                         "seen_titles": [seen],
+                         "groundtruth_with_release_year": [[items[0][0], str(items[0][1])]],
+                         "completion": [{"role": "assistant",
+                                         "content": common.format_items(items)}]})
         common.write_jsonl(dir_ / f"sft_{split}.jsonl", rows)
     return dir_
 
@@ -91,15 +96,18 @@ def test_collate_pads_prompts_left_completions_right_masks_from_lengths():
     pad = 2  # pad == EOS, as in SmolLM2: the EOS of a completion must stay in the mask
     exs = [sft.Example([5, 6, 7], [8, 2]), sft.Example([9], [10, 11, 2])]
     b = sft.collate(exs, pad)
-    assert b.prompt_ids.tolist() == [[5, 6, 7], [2, 2, 9]] and b.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert (b.prompt_ids.tolist() == [[5, 6, 7], [2, 2, 9]]
+            and b.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]])
     assert b.completion_ids.tolist() == [[8, 2, 2], [10, 11, 2]]
     assert b.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 # --- the loss (Eq. 2) -----------------------------------------------------------------------------
 
-SPECS = [("Movies like Heat?", MOVIES[1:4]), ("I loved The Matrix and Alien, more sci-fi please", MOVIES[11:13]),
-         ("Jaws", MOVIES[5:9]), ("Something like Casablanca or Titanic for a quiet evening?", MOVIES[:1])]
+SPECS = [("Movies like Heat?", MOVIES[1:4]),
+         ("I loved The Matrix and Alien, more sci-fi please", MOVIES[11:13]),
+         ("Jaws", MOVIES[5:9]),
+         ("Something like Casablanca or Titanic for a quiet evening?", MOVIES[:1])]
 
 
 def test_loss_is_the_completion_nll_of_each_sequence_alone(tiny):
@@ -117,8 +125,8 @@ def test_loss_is_the_completion_nll_of_each_sequence_alone(tiny):
 
 
 def test_prompt_and_padding_positions_carry_no_loss(tiny):
-    """The gradient reaches the final hidden state only at positions whose next token is a completion
-    token (EOS included): no prompt position and no padding position is ever a target."""
+    """The gradient reaches the final hidden state only at positions whose next token is a
+    completion token (EOS included): no prompt position and no padding position is ever a target."""
     _, tok = tiny
     model, exs = fresh_model(tok), examples(tok, SPECS)
     captured = {}
@@ -129,7 +137,8 @@ def test_prompt_and_padding_positions_carry_no_loss(tiny):
 
     handle = model.model.norm.register_forward_hook(keep)
     b = sft.collate(exs, tok.pad_token_id)
-    loss = sft.completion_nll(common.completion_logprobs(model, b, share_prompts=False), b.completion_mask)
+    loss = sft.completion_nll(common.completion_logprobs(model, b, share_prompts=False),
+                              b.completion_mask)
     loss.backward()
     handle.remove()
     has_grad = captured["h"].grad.abs().sum(-1) > 0  # [B, P + T]: the sequences run whole
@@ -151,7 +160,8 @@ def test_padding_ids_change_nothing_completion_ids_change_the_loss(tiny):
             return sft.completion_nll(common.completion_logprobs(model, changed), b.completion_mask)
 
     base = loss(b.prompt_ids, b.completion_ids)
-    pads = b.prompt_ids.masked_fill(b.prompt_mask == 0, 37), b.completion_ids.masked_fill(b.completion_mask == 0, 37)
+    pads = (b.prompt_ids.masked_fill(b.prompt_mask == 0, 37),
+            b.completion_ids.masked_fill(b.completion_mask == 0, 37))
     assert torch.allclose(loss(*pads), base, rtol=1e-6)  # any id in the padding, left or right
     other = b.completion_ids.clone()
     other[0, 0] = 37 if other[0, 0] != 37 else 38  # the first completion token
@@ -160,7 +170,8 @@ def test_padding_ids_change_nothing_completion_ids_change_the_loss(tiny):
 
 def test_accumulated_micro_batches_equal_one_big_batch(tiny):
     _, tok = tiny
-    exs = examples(tok, SPECS + [(p[::-1], items[::-1]) for p, items in SPECS])  # 8, unequal lengths
+    # 8, unequal lengths
+    exs = examples(tok, SPECS + [(p[::-1], items[::-1]) for p, items in SPECS])
     grads = {}
     for mbs in (8, 2):
         model = fresh_model(tok)
@@ -212,7 +223,8 @@ def test_batches_cover_every_row_once_per_epoch_and_span_epochs():
 # --- runs -----------------------------------------------------------------------------------------
 
 def run_args(data, out, *extra):
-    return ["--model", "tiny", "--data-dir", str(data), "--out", str(out), "--eval-gen", "0", *extra]
+    return ["--model", "tiny", "--data-dir", str(data), "--out", str(out), "--eval-gen", "0",
+            *extra]
 
 
 def test_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path, monkeypatch):
@@ -235,7 +247,8 @@ def test_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="simulated crash"):
         sft.main(run_args(data, tmp_path / "crashed", *args))
     monkeypatch.setattr(sft, "accumulate_gradients", real)
-    assert [r["step"] for r in common.read_jsonl(tmp_path / "crashed" / "log.jsonl")] == [1, 2, 2, 3]
+    assert ([r["step"] for r in common.read_jsonl(tmp_path / "crashed" / "log.jsonl")]
+            == [1, 2, 2, 3])
     at_step_2 = load_file(tmp_path / "crashed" / "checkpoint" / "model.safetensors")
     sft.main(run_args(data, tmp_path / "crashed", *args, "--resume"))
 
@@ -253,20 +266,22 @@ def test_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path, monkeypat
 
 def test_resume_refuses_other_settings_and_stale_checkpoints(tmp_path):
     data = sft_data(tmp_path / "data", n_rows=4)
-    sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--save-every", "1",
-                      "--eval-every", "0"))
+    sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
+                      "--save-every", "1", "--eval-every", "0"))
     with pytest.raises(common.DataError, match="--lr"):
-        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--lr", "1e-3", "--resume"))
+        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
+                          "--lr", "1e-3", "--resume"))
     # a finished run is never replaced silently
     with pytest.raises(common.DataError, match="holds an earlier run"):
-        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--eval-every", "0"))
-    # a fresh run in the same directory drops the earlier run's checkpoint, so --resume cannot mix them
-    sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--save-every", "0",
-                      "--eval-every", "0", "--overwrite"))
+        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
+                          "--eval-every", "0"))
+    # a fresh run in the same directory drops the old run's checkpoint, so --resume cannot mix them
+    sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
+                      "--save-every", "0", "--eval-every", "0", "--overwrite"))
     assert not (tmp_path / "run" / "checkpoint").exists()
     with pytest.raises(common.DataError, match="no complete checkpoint to resume from"):
-        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2", "--save-every", "0",
-                          "--eval-every", "0", "--resume"))
+        sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
+                          "--save-every", "0", "--eval-every", "0", "--resume"))
 
 
 def test_smoke_loss_falls_model_reloads_and_generates(tmp_path, capsys):
@@ -282,7 +297,8 @@ def test_smoke_loss_falls_model_reloads_and_generates(tmp_path, capsys):
     assert train[-1]["loss"] < 0.05 * train[0]["loss"]
     evals = [r for r in log if "val_loss" in r]
     assert [r["step"] for r in evals] == [100]
-    assert set(evals[0]) >= {"val_loss", "val_recall@5", "val_ndcg@5", "val_in_catalog", "val_valid"}
+    assert set(evals[0]) >= {"val_loss", "val_recall@5", "val_ndcg@5", "val_in_catalog",
+                             "val_valid"}
     assert json.loads((out / "run_config.json").read_text())["steps"] == 100
     assert not (out / "checkpoint").exists()
     printed = capsys.readouterr().out
@@ -295,8 +311,9 @@ def test_smoke_loss_falls_model_reloads_and_generates(tmp_path, capsys):
 
 
 def test_missing_input_is_one_line_and_exit_2(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "03_sft.py"), "--data-dir", str(tmp_path / "none"),
-                          "--model", "tiny"], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run([sys.executable, str(ROOT / "03_sft.py"),
+                          "--data-dir", str(tmp_path / "none"), "--model", "tiny"],
+                         capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0
     assert "sft_train.jsonl not found: run 02_build_sft.py first" in res.stderr
