@@ -1,9 +1,9 @@
 """Stage 04: Rank-GRPO, with the vanilla GRPO and GSPO baselines, in plain PyTorch.
 
-Paper: section 2.3 (Eq. 6-9, 16) and App. C. The policy starts from the SFT model of 03_sft.py, which
-is also the frozen KL reference. The unit of action is one item of the list: each rank gets its own
-reward, its own advantage (normalised across the G samples of a prompt) and its own importance
-ratio (the geometric mean of the item's token ratios, clipped).
+Paper: section 2.3 (Eq. 6-9, 16) and App. C. The policy starts from the SFT model of 03_sft.py,
+which is also the frozen KL reference. The unit of action is one item of the list: each rank gets
+its own reward, its own advantage (normalised across the G samples of a prompt) and its own
+importance ratio (the geometric mean of the item's token ratios, clipped).
 
   python 04_rank_grpo.py                                   # CPU demo, from runs/sft
   python 04_rank_grpo.py --algo grpo --out runs/grpo       # the vanilla GRPO baseline, same budget
@@ -45,32 +45,33 @@ ALGOS = {
 }
 
 # Settings that define the training trajectory: --resume refuses to change them.
-TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n_items", "prompts_per_step",
-              "group_size", "mu", "lr", "lr_drop_step", "lr_drop", "adam_beta2", "beta", "eps_low",
-              "eps_high", "eps_u", "eps_o", "eps_n", "temperature", "seed")
+TRAJECTORY = ("model", "ref_model", "algo", "reward", "aggregation", "n_items",
+              "prompts_per_step", "group_size", "mu", "lr", "lr_drop_step", "lr_drop", "adam_beta2",
+              "beta", "eps_low", "eps_high", "eps_u", "eps_o", "eps_n", "temperature", "seed")
 
 
 @dataclass
 class Config:
     data_dir: str = arg("data", "catalog.jsonl, train.jsonl, val.jsonl from 01_catalog.py")
-    model: str = arg("runs/sft", "policy to start from (03_sft.py output), a load_model name or HF dir")
+    model: str = arg("runs/sft", "policy to start from (03_sft.py output), a load_model name or "
+                     "HF dir")
     ref_model: str = arg("", "frozen KL reference pi_ref; empty: the same as --model")
     out: str = arg("runs/rank_grpo", "output directory")
-    algo: str = arg("rank_grpo", "rank_grpo | grpo (token ratio, DCG@N reward) | gspo (sequence ratio)",
-                    choices=list(ALGOS))
-    reward: str = arg("", "override the algo's reward: exp_inf (Eq. 9, Gamma->inf) | log (Eq. 8) | dcg",
-                      choices=["", "exp_inf", "log", "dcg"])
-    aggregation: str = arg("paper", "paper: Eq. 6, token-mean inside a unit | released: mean over tokens",
-                           choices=["paper", "released"])
+    algo: str = arg("rank_grpo", "rank_grpo | grpo (token ratio, DCG@N reward) | gspo (sequence "
+                    "ratio)", choices=list(ALGOS))
+    reward: str = arg("", "override the algo's reward: exp_inf (Eq. 9, Gamma->inf) | log (Eq. 8) "
+                      "| dcg", choices=["", "exp_inf", "log", "dcg"])
+    aggregation: str = arg("paper", "paper: Eq. 6, token-mean inside a unit | released: mean over "
+                           "tokens", choices=["paper", "released"])
     n_items: int = arg(0, "N, items per list; 0: from data/catalog_summary.json", within="[0, inf)")
-    steps: int = arg(6, "optimizer steps (x mu updates per batch of rollouts)", within="[1, inf)")
-    prompts_per_step: int = arg(2, "prompts per batch of rollouts (paper: 48)", within="[1, inf)")
+    steps: int = arg(12, "optimizer steps (x mu updates per batch of rollouts)", within="[1, inf)")
+    prompts_per_step: int = arg(4, "prompts per batch of rollouts (paper: 48)", within="[1, inf)")
     group_size: int = arg(8, "G, samples per prompt (paper: 8)", within="[2, inf)")
     mu: int = arg(1, "policy updates per batch of rollouts (1: on-policy, every ratio is 1)",
                   within="[1, inf)")
-    micro_batch_size: int = arg(8, "sequences per forward/backward; gradients accumulate over the step",
-                                within="[1, inf)")
-    lr: float = arg(5e-6, "learning rate, constant (paper: 1e-6 with 48 x 8 rollouts per step)",
+    micro_batch_size: int = arg(8, "sequences per forward/backward; gradients accumulate over the "
+                                "step", within="[1, inf)")
+    lr: float = arg(1e-5, "learning rate, constant (paper: 1e-6 with 48 x 8 rollouts per step)",
                     within="(0, inf)")
     lr_drop_step: int = arg(0, "from this step on use --lr-drop (0: never; paper 1B/3B: epoch 2)",
                             within="[0, inf)")
@@ -78,36 +79,44 @@ class Config:
     adam_beta2: float = arg(0.99, "AdamW beta2 (paper: 0.99)", within="(0, 1)")
     weight_decay: float = arg(0.0, "AdamW weight decay", within="[0, inf)")
     max_grad_norm: float = arg(1.0, "gradient clipping", within="(0, inf)")
-    beta: float = arg(1e-3, "KL weight beta (k3 estimator against pi_ref); 0 skips the reference model",
-                      within="[0, inf)")
-    eps_low: float = arg(0.0, "clip range below 1; 0: the algo's (rank 0.06, token 0.2, sequence 3e-4)",
-                         within="[0, 1)")
-    eps_high: float = arg(0.0, "clip range above 1; 0: the algo's (rank 0.08, token 0.26, sequence 4e-4)",
-                          within="[0, inf)")
+    beta: float = arg(1e-3, "KL weight beta (k3 estimator against pi_ref); 0 skips the reference "
+                      "model", within="[0, inf)")
+    eps_low: float = arg(0.0, "clip range below 1; 0: the algo's (rank 0.06, token 0.2, sequence "
+                         "3e-4)", within="[0, 1)")
+    eps_high: float = arg(0.0, "clip range above 1; 0: the algo's (rank 0.08, token 0.26, "
+                          "sequence 4e-4)", within="[0, inf)")
     eps_u: float = arg(-0.1, "advantage of an EOS after fewer than N items (App. C)")
-    eps_o: float = arg(-0.1, "advantage of the token that starts line N+1, and of items beyond N (App. C)")
-    eps_n: float = arg(0.1, "advantage of the EOS right after item N (the released trainer's bonus)")
-    temperature: float = arg(1.0, "sampling temperature; ratios and KL use log-probs at this temperature",
-                             within="(0, inf)")
+    eps_o: float = arg(-0.1, "advantage of the token that starts line N+1, and of items beyond N "
+                       "(App. C)")
+    eps_n: float = arg(0.1, "advantage of the EOS right after item N (the released trainer's "
+                       "bonus)")
+    temperature: float = arg(1.0, "sampling temperature; ratios and KL use log-probs at this "
+                             "temperature", within="(0, inf)")
     max_new_tokens: int = arg(0, "completion cap; 0: 16 tokens per item + 16", within="[0, inf)")
-    max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens", within="[1, inf)")
+    max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens",
+                                 within="[1, inf)")
     gen_batch_size: int = arg(64, "sequences per decoding batch", within="[1, inf)")
-    val_every: int = arg(6, "greedy validation every this many steps, and before the first (0: never)",
-                         within="[0, inf)")
+    val_every: int = arg(6, "greedy validation every this many steps, and before the first (0: "
+                         "never)", within="[0, inf)")
     val_limit: int = arg(16, "validation conversations", within="[1, inf)")
-    sample_every: int = arg(3, "print one real sample every this many steps (0: never)", within="[0, inf)")
-    save_every: int = arg(3, "checkpoint every this many steps (and at the end)", within="[1, inf)")
+    sample_every: int = arg(6, "print one real sample every this many steps (0: never)",
+                            within="[0, inf)")
+    save_every: int = arg(6, "checkpoint every this many steps (and at the end)", within="[1, inf)")
     resume: bool = arg(False, "continue from <out>/checkpoint")
-    overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is kept)")
-    grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory, shares no prompt)")
-    bf16: bool = arg(True, "bf16 autocast (fp32 master weights) for the log-prob and training passes, "
-                           "where bf16 is native (CUDA; CPUs with AVX512-BF16 or AMX)")
+    overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is "
+                          "kept)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory, shares "
+                                   "no prompt)")
+    bf16: bool = arg(True, "bf16 autocast (fp32 master weights) for the log-prob and training "
+                           "passes, where bf16 is native (CUDA; CPUs with AVX512-BF16 or AMX)")
     seed: int = arg(0, "seed for prompt order and sampling")
     cpu: bool = arg(False, "use the CPU even when CUDA is present")
-    compile: bool = arg(False, "decode with a static KV cache and a compiled step (pays off on CUDA)")
+    compile: bool = arg(False, "decode with a static KV cache and a compiled step (pays off on "
+                        "CUDA)")
     benchmark: str = arg("", "time full steps on a random model of this architecture (appendix)",
                          choices=["", "qwen2.5-0.5b", "smollm2-135m", "tiny"])
-    benchmark_steps: int = arg(3, "timed benchmark steps (after one warm-up step)", within="[1, inf)")
+    benchmark_steps: int = arg(3, "timed benchmark steps (after one warm-up step)",
+                               within="[1, inf)")
     benchmark_prompt_tokens: int = arg(384, "prompt length in the benchmark", within="[1, inf)")
 
 
@@ -136,12 +145,14 @@ def segment_ranks(nl_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # 2. Rewards per rank (Eq. 8-9) and advantages per rank (Eq. 6)
 # ------------------------------------------------------------------------------------------------
 
-def rank_relevance(texts: list[str], rows: list[dict], catalog: common.Catalog, n: int) -> torch.Tensor:
+def rank_relevance(texts: list[str], rows: list[dict], catalog: common.Catalog,
+                   n: int) -> torch.Tensor:
     """rel [B, N]: rel_{i,k} of the first N lines of each completion (common.judge_lines)."""
     rel = torch.zeros(len(texts), n)
     for i, (text, row) in enumerate(zip(texts, rows)):
         items = common.parse_completion(text)[:n]
-        hits = common.judge_lines(items, common.row_groundtruth(row), row["seen_titles"], catalog)["rel"]
+        truth = common.row_groundtruth(row)
+        hits = common.judge_lines(items, truth, row["seen_titles"], catalog)["rel"]
         rel[i, :len(hits)] = torch.tensor(hits, dtype=torch.float)
     return rel
 
@@ -162,8 +173,8 @@ def rank_rewards(rel: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A_{i,k} = (r_{i,k} - mean_i r_{i,k}) / (std_i r_{i,k} + 1e-4), over the G samples of a prompt,
-    separately at each rank. rewards [B, N] with the G samples of a prompt adjacent -> [B, N]."""
+    """A_{i,k} = (r_{i,k} - mean_i r_{i,k}) / (std_i r_{i,k} + 1e-4), over the G samples of a
+    prompt, separately at each rank. rewards [B, N] (a prompt's G samples adjacent) -> [B, N]."""
     r = rewards.view(-1, group_size, rewards.shape[1])  # [B/G, G, N]
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)
     return adv.view_as(rewards)
@@ -173,8 +184,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 # 3. The length rules (App. C, amended): every token's advantage and ratio unit
 # ------------------------------------------------------------------------------------------------
 
-def length_rules(adv_rank: torch.Tensor, nl_tok: torch.Tensor, eos_tok: torch.Tensor, mask: torch.Tensor,
-                 n: int, eps_u: float, eps_o: float, eps_n: float):
+def length_rules(adv_rank: torch.Tensor, nl_tok: torch.Tensor, eos_tok: torch.Tensor,
+                 mask: torch.Tensor, n: int, eps_u: float, eps_o: float, eps_n: float):
     """(adv_tok, unit_of_tok, mask) [B, T] for the tokens of sampled lists, all length rules here.
 
     An item token carries its rank's advantage A_{i,k}; the tokens of rank k form ratio unit k.
@@ -190,7 +201,8 @@ def length_rules(adv_rank: torch.Tensor, nl_tok: torch.Tensor, eos_tok: torch.Te
     rank = segment_ranks(nl_tok, mask)  # [B, T]
     live = mask.bool()
     opens_overflow = live & ~eos_tok & (rank < n) & (rank + nl_tok >= n)
-    premature, stop_at_n, late = (eos_tok & live & c for c in (rank < n - 1, rank == n - 1, rank >= n))
+    premature, stop_at_n, late = (eos_tok & live & c
+                                  for c in (rank < n - 1, rank == n - 1, rank >= n))
     adv_tok = adv_rank.gather(1, rank.clamp(0, n - 1))  # [B, T]
     adv_tok = torch.where(rank >= n, torch.full_like(adv_tok, eps_o), adv_tok)
     for decision, eps in ((opens_overflow, eps_o), (premature, eps_u), (stop_at_n, eps_n)):
@@ -220,7 +232,8 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def unit_mean(values: torch.Tensor, unit: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_mean(values: torch.Tensor, unit: torch.Tensor,
+              mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of `values` over the masked tokens of each unit, handed back to every token of the unit,
     and the unit's token count. values, unit, mask [B, T] -> ([B, T], [B, T])."""
     n_units = int(unit.max()) + 1 if unit.numel() else 1
@@ -236,7 +249,8 @@ def rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask, *, eps_low: float,
 
     logp       log pi_theta of the sampled tokens (with gradient)
     logp_old   log pi_old (logp.detach() on-policy), logp_ref log pi_ref (None when beta = 0)
-    adv        each token's advantage; unit: its ratio unit (a rank, a decision, the sequence, itself)
+    adv        each token's advantage
+    unit       its ratio unit (a rank, a decision, the sequence, itself)
     mask       1 on the tokens that enter the loss
     Each unit's ratio is the geometric mean of its token ratios, w = exp(mean_t log(pi / pi_old)),
     clipped to [1 - eps_low, 1 + eps_high]; the unit's tokens are averaged and the units summed,
@@ -286,8 +300,8 @@ def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict], cfg:
     completions = []
     for s in range(0, len(prompts), per_call):
         completions += common.decode(model, prompts[s:s + per_call], cfg.max_new_tokens, eos_ids,
-                                     tok.pad_token_id, temperature=cfg.temperature, repeats=cfg.group_size,
-                                     compile=cfg.compile)
+                                     tok.pad_token_id, temperature=cfg.temperature,
+                                     repeats=cfg.group_size, compile=cfg.compile)
     model.train()
     has_eos = [bool(c) and c[-1] in eos_ids for c in completions]
     texts = [tok.decode(c[:-1] if e else c) for c, e in zip(completions, has_eos)]
@@ -303,15 +317,16 @@ def micro_batches(ro: Rollouts, adv_rank: torch.Tensor, nl_table: torch.Tensor, 
     out = []
     for s in range(0, len(ro.completion_ids), cfg.micro_batch_size):
         idx = list(range(s, min(s + cfg.micro_batch_size, len(ro.completion_ids))))
-        batch = common.make_batch([ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx],
-                                  pad_id).to(device)
+        batch = common.make_batch([ro.prompt_ids[i] for i in idx],
+                                  [ro.completion_ids[i] for i in idx], pad_id).to(device)
         lengths = batch.completion_mask.sum(1)  # [b]
-        eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)  # [b, T]: the EOS, if any
+        # [b, T]: True on the EOS, if any
+        eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
         ends = torch.tensor([ro.has_eos[i] for i in idx], device=device).nonzero().squeeze(1)
         eos_tok[ends, lengths[ends] - 1] = True
         nl_tok = nl_table.to(device)[batch.completion_ids]
-        adv, unit, mask = length_rules(adv_rank[idx].to(device), nl_tok, eos_tok, batch.completion_mask, n,
-                                       cfg.eps_u, cfg.eps_o, cfg.eps_n)
+        adv, unit, mask = length_rules(adv_rank[idx].to(device), nl_tok, eos_tok,
+                                       batch.completion_mask, n, cfg.eps_u, cfg.eps_o, cfg.eps_n)
         out.append((batch, {"adv": adv, "unit": ratio_units(unit, level), "mask": mask}))
     return out
 
@@ -320,15 +335,16 @@ def micro_batches(ro: Rollouts, adv_rank: torch.Tensor, nl_table: torch.Tensor, 
 # 6. One step, and the training loop
 # ------------------------------------------------------------------------------------------------
 
-def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog, prompts: list[list[int]],
-            rows: list[dict], nl_table: torch.Tensor) -> tuple[dict, Rollouts, torch.Tensor]:
+def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
+            prompts: list[list[int]], rows: list[dict],
+            nl_table: torch.Tensor) -> tuple[dict, Rollouts, torch.Tensor]:
     """One batch of rollouts and cfg.mu policy updates on it. `prompts`/`rows` are this process's
     share of the step's prompts (whole groups). Returns the step's record (summed over processes),
     the rollouts and their per-rank rewards [B, N]."""
     device, n, world = next(policy.parameters()).device, cfg.n_items, common.world_size()
     level, _, _, _ = ALGOS[cfg.algo]
     amp = cfg.bf16 and common.bf16_native(device)
-    share = not cfg.grad_checkpointing  # the checkpointed layers drop the cache a shared prompt needs
+    share = not cfg.grad_checkpointing  # checkpointed layers drop the cache a shared prompt needs
     timer = {}
 
     # 1. G lists per prompt from pi_old, the current policy.
@@ -343,7 +359,8 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog, p
 
     # 3. Tokens -> ranks, advantages, ratio units, the length rules; the step's normalisers.
     batches = micro_batches(ro, adv_rank, nl_table, n, level, cfg, tok.pad_token_id, device)
-    n_seqs, n_tokens = common.all_sum([len(ro.texts), sum(int(b["mask"].sum()) for _, b in batches)], device)
+    n_seqs, n_tokens = common.all_sum(
+        [len(ro.texts), sum(int(b["mask"].sum()) for _, b in batches)], device)
     n_units = {"rank": n_seqs * n, "sequence": n_seqs, "token": n_tokens}[level]
     timer["t_score"], t0 = time.time() - t0, time.time()
 
@@ -363,9 +380,10 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog, p
         for batch, b in batches:
             with common.autocast(device, amp):
                 logp = common.completion_logprobs(policy, batch, cfg.temperature, share)  # [b, T]
+            logp_old = b["logp_old"] if cfg.mu > 1 else logp.detach()
             loss, stats = rank_grpo_loss(
-                logp, b["logp_old"] if cfg.mu > 1 else logp.detach(), b.get("logp_ref"), b["adv"], b["unit"],
-                b["mask"], eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, n_units=n_units,
+                logp, logp_old, b.get("logp_ref"), b["adv"], b["unit"], b["mask"],
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, n_units=n_units,
                 n_tokens=n_tokens, token_mean=cfg.aggregation == "released" or level == "token")
             loss.backward()
             for k, v in stats.items():
@@ -373,7 +391,8 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog, p
         common.all_reduce_grads(policy)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):  # never let a NaN or inf into the weights
-            raise FloatingPointError(f"the gradient norm is {grad_norm.item()}; the policy was not updated")
+            raise FloatingPointError(f"the gradient norm is {grad_norm.item()}; "
+                                     "the policy was not updated")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     timer["t_train"] = time.time() - t0
@@ -386,43 +405,49 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog, p
     per_sample = {"reward": rewards.mean(1).sum().item(),
                   **{f"reward@{k}": rewards[:, k - 1].sum().item() for k in shown},
                   "ndcg": sum(ndcg), "in_catalog": sum(j["in_catalog_rate"] for j in judged),
-                  "valid": sum(j["valid_rate"] for j in judged), "items": sum(j["n_lines"] for j in judged),
-                  "exact_n": sum(j["exact_n"] for j in judged), "len": sum(len(c) for c in ro.completion_ids)}
+                  "valid": sum(j["valid_rate"] for j in judged),
+                  "items": sum(j["n_lines"] for j in judged),
+                  "exact_n": sum(j["exact_n"] for j in judged),
+                  "len": sum(len(c) for c in ro.completion_ids)}
     per_token = {k: v.item() / cfg.mu for k, v in sums.items()}  # clip_low, clip_high, kl_sum, ...
-    total = dict(zip([*per_sample, *per_token], common.all_sum([*per_sample.values(), *per_token.values()],
-                                                               device)))
+    sums_here = [*per_sample.values(), *per_token.values()]
+    total = dict(zip([*per_sample, *per_token], common.all_sum(sums_here, device)))
     record = {k: total[k] / n_seqs for k in per_sample}
     tokens = max(1.0, total["tokens"])
     record.update({"kl": total["kl_sum"] / tokens, "clip_low": total["clip_low"] / tokens,
                    "clip_high": total["clip_high"] / tokens, "ratio": total["ratio_sum"] / tokens,
-                   "grad_norm": grad_norm.item(), **timer})
+                   "grad_norm": grad_norm.item(), **timer, "dt": sum(timer.values())})
+    record["clip"] = record["clip_low"] + record["clip_high"]
     return record, ro, rewards
 
 
 def validate(model, tok, rows, catalog, cfg: Config) -> dict[str, float]:
-    """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit val conversations."""
-    texts = common.generate_for_rows(model, tok, rows, cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+    """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit conversations."""
+    texts = common.generate_for_rows(model, tok, rows, cfg.max_new_tokens,
+                                     batch_size=cfg.gen_batch_size,
                                      max_prompt_tokens=cfg.max_prompt_tokens, progress="validation")
     ks = [k for k in common.cutoffs(cfg.n_items) if k in (5, 10, cfg.n_items)]
     _, s = common.score_texts(texts, rows, catalog, cfg.n_items, ks)
     out = {}
     for k in ks:
-        out[f"val_recall@{k}"], out[f"val_ndcg@{k}"] = s[f"recall@{k}_filtered"], s[f"ndcg@{k}_filtered"]
+        out[f"val_recall@{k}"] = s[f"recall@{k}_filtered"]
+        out[f"val_ndcg@{k}"] = s[f"ndcg@{k}_filtered"]
     out["val_exact_n"] = s["exact_n"]
     return out
 
 
 def resolve(cfg: Config, n: int) -> Config:
-    """Fill the settings that depend on others: N, the completion cap, the algo's reward and clip."""
+    """Fill the settings that depend on others: N, the completion cap, the algo's reward, clip."""
     _, reward, eps_low, eps_high = ALGOS[cfg.algo]
     cfg.n_items = n
     cfg.max_new_tokens = cfg.max_new_tokens or 16 * n + 16
-    cfg.reward, cfg.eps_low, cfg.eps_high = cfg.reward or reward, cfg.eps_low or eps_low, cfg.eps_high or eps_high
+    cfg.reward = cfg.reward or reward
+    cfg.eps_low, cfg.eps_high = cfg.eps_low or eps_low, cfg.eps_high or eps_high
     return cfg
 
 
 def load_models(cfg: Config, device):
-    """The policy (fp32 master weights) and the frozen reference (bf16 on CUDA; None when beta = 0)."""
+    """The policy (fp32 master weights), the frozen reference (bf16 on CUDA; None if beta = 0)."""
     policy, tok = common.load_model(cfg.model, device=device)
     ref = None
     if cfg.beta > 0:
@@ -451,15 +476,16 @@ def main(argv=None) -> None:
     cfg = resolve(cfg, common.data_n(cfg.data_dir, cfg.n_items))
     rank, world, device = common.setup_distributed(cfg.cpu)
     if cfg.prompts_per_step % world:
-        raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by {world} processes")
+        raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by "
+                               f"{world} processes")
     common.seed_everything(cfg.seed + rank)  # each process samples its own completions
     out, main_process = Path(cfg.out), rank == 0
 
     # 1. Data and models.
     catalog = common.Catalog.load(Path(cfg.data_dir) / "catalog.jsonl")
     train = common.read_rows(Path(cfg.data_dir) / "train.jsonl", "run 01_catalog.py first")
-    val = common.first_conversations(common.read_rows(Path(cfg.data_dir) / "val.jsonl", "run 01_catalog.py first"),
-                                     cfg.val_limit)
+    val = common.read_rows(Path(cfg.data_dir) / "val.jsonl", "run 01_catalog.py first")
+    val = common.first_conversations(val, cfg.val_limit)
     if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
         raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
     policy, ref, tok = load_models(cfg, device)
@@ -470,7 +496,8 @@ def main(argv=None) -> None:
         print(f"policy {cfg.model} on {device} x {world} process(es), "
               f"{sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params, bf16 autocast "
               f"{'on' if cfg.bf16 and common.bf16_native(device) else 'off'}; ref "
-              f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}; algo {cfg.algo}: {level}-level "
+              f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}; "
+              f"algo {cfg.algo}: {level}-level "
               f"ratio, {cfg.reward} reward, clip [{1 - cfg.eps_low:g}, {1 + cfg.eps_high:g}], "
               f"N={cfg.n_items}, G={cfg.group_size}")
         print(f"read {len(train)} train rows, {len(val)} val rows, {len(catalog)} catalog items")
@@ -500,22 +527,24 @@ def main(argv=None) -> None:
         pos += cfg.prompts_per_step
         prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
 
-        # 3. Sample, reward, update (rl_step), then one line per step and now and then a real sample.
+        # 3. Sample, reward, update (rl_step); one line per step, now and then a real sample.
         lr = schedule.get_last_lr()[0]
         try:
-            record, ro, rewards = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows, nl_table)
+            record, ro, rewards = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows,
+                                          nl_table)
         except FloatingPointError as e:
             raise common.DataError(f"step {step}: {e}") from None
         schedule.step()
         if main_process:
             log.log(step, {**record, "lr": lr})
             if cfg.sample_every and step % cfg.sample_every == 0:
-                print(common.render_list(ro.texts[0], ro.rows[0], catalog, cfg.n_items, rewards[0].tolist()))
+                print(common.render_list(ro.texts[0], ro.rows[0], catalog, cfg.n_items,
+                                         rewards[0].tolist()))
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
                 log.log(step, validate(policy, tok, val, catalog, cfg))
         if step % cfg.save_every == 0 or step == cfg.steps:
-            common.save_checkpoint(out, policy, tok, optimizer, schedule,
-                                   {"step": step, "pos": pos, "perm": perm, "order": order.get_state()})
+            state = {"step": step, "pos": pos, "perm": perm, "order": order.get_state()}
+            common.save_checkpoint(out, policy, tok, optimizer, schedule, state)
         common.barrier()
 
     # 4. The final policy, loadable with from_pretrained / common.load_model.
@@ -525,9 +554,10 @@ def main(argv=None) -> None:
     common.barrier()
 
 
-# The keys of the printed step line (everything goes to log.jsonl): what a reader watches.
-SHOW = ("reward", "reward@1", "ndcg", "items", "exact_n", "kl", "clip_low", "clip_high", "grad_norm",
-        "t_sample", "t_train", "val_recall@10", "val_ndcg@10", "val_exact_n")
+# The printed step line: what a reader watches, and its number formats (all goes to log.jsonl).
+SHOW = {"reward": ".3f", "ndcg": ".3f", "items": ".1f", "exact_n": ".2f", "kl": ".1e",
+        "clip": ".3f", "dt": ".0f", "val_recall@10": ".3f", "val_ndcg@10": ".3f",
+        "val_exact_n": ".2f"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,20 +565,21 @@ SHOW = ("reward", "reward@1", "ndcg", "items", "exact_n", "kl", "clip_low", "cli
 # ------------------------------------------------------------------------------------------------
 
 ARCHS = {  # shapes of the released configs (weights are random: only speed and memory are measured)
-    "qwen2.5-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                         rope_theta=1e6, tie_word_embeddings=True)),
-    "smollm2-135m": ("LlamaConfig", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                         rope_theta=1e5, tie_word_embeddings=True)),
-    "tiny": ("LlamaConfig", dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)),
+    "smollm2-135m": ("LlamaConfig", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True)),
+    "tiny": ("LlamaConfig", dict(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
 
 class SyntheticTokenizer:
-    """Stands in for a tokenizer of any vocabulary size: token v reads 'w{v}', every 16th token is a
-    newline, so sampled lists have ranks; there is no EOS, so every completion is max_new_tokens long."""
+    """Stands in for a tokenizer of any vocabulary size: token v reads 'w{v}', every 16th token is
+    a newline, so sampled lists have ranks; there is no EOS: every completion is max_new_tokens."""
 
     def __init__(self, vocab_size: int):
         self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, 0, None
@@ -564,7 +595,7 @@ class SyntheticTokenizer:
 
 
 def benchmark_setup(cfg: Config, device):
-    """A random policy and reference of --benchmark's shape, its synthetic tokenizer, rows, prompts."""
+    """A random policy and reference of --benchmark's shape, its synthetic tokenizer and rows."""
     import transformers
     cls_name, shape = ARCHS[cfg.benchmark]
     config = getattr(transformers, cls_name)(**shape, max_position_embeddings=32768, bos_token_id=0,
@@ -573,15 +604,15 @@ def benchmark_setup(cfg: Config, device):
     policy.generation_config = transformers.GenerationConfig(pad_token_id=0)
     ref = None
     if cfg.beta > 0:
-        ref = transformers.AutoModelForCausalLM.from_config(config).to(device, torch.bfloat16 if device.type == "cuda"
-                                                                          else torch.float32)
+        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        ref = transformers.AutoModelForCausalLM.from_config(config).to(device, ref_dtype)
         ref.load_state_dict(policy.state_dict())
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
     local = cfg.prompts_per_step // common.world_size()
-    rows = [{"id": f"bench#{i}", "seen_titles": [], "groundtruth_with_release_year": [["w17", "1995"]]}
-            for i in range(local)]
+    rows = [{"id": f"bench#{i}", "seen_titles": [],
+             "groundtruth_with_release_year": [["w17", "1995"]]} for i in range(local)]
     return policy, ref, SyntheticTokenizer(config.vocab_size), rows
 
 
@@ -598,16 +629,19 @@ def benchmark(cfg: Config) -> None:
     nl_table = newline_table(tok, len(tok))
     catalog = common.Catalog([{"title": "w17", "year": 1995}])
     g = torch.Generator().manual_seed(cfg.seed + rank)
-    print(f"benchmark {cfg.benchmark} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params) on "
+    params = sum(p.numel() for p in policy.parameters()) / 1e6
+    print(f"benchmark {cfg.benchmark} ({params:.0f}M params) on "
           f"{device} x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
           f"{cfg.benchmark_prompt_tokens} prompt + {cfg.max_new_tokens} new tokens, micro-batch "
-          f"{cfg.micro_batch_size}, bf16 {cfg.bf16 and common.bf16_native(device)}, compile {cfg.compile}")
+          f"{cfg.micro_batch_size}, bf16 {cfg.bf16 and common.bf16_native(device)}, "
+          f"compile {cfg.compile}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     phases = ("t_step", "t_sample", "t_score", "t_ref", "t_train")
     times = []
-    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, compilation), not counted
-        prompts = torch.randint(1, len(tok), (len(rows), cfg.benchmark_prompt_tokens), generator=g).tolist()
+    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, compilation)
+        shape = (len(rows), cfg.benchmark_prompt_tokens)
+        prompts = torch.randint(1, len(tok), shape, generator=g).tolist()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.time()
@@ -625,9 +659,11 @@ def benchmark(cfg: Config) -> None:
         new_tokens = cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens
         peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = sampling {mean['t_sample']:.2f} + "
+        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = "
+              f"sampling {mean['t_sample']:.2f} + "
               f"scoring {mean['t_score']:.2f} + old/ref log-probs {mean['t_ref']:.2f} + training "
-              f"{mean['t_train']:.2f}; {new_tokens / mean['t_sample']:.0f} sampled tokens/s; peak memory "
+              f"{mean['t_train']:.2f}; {new_tokens / mean['t_sample']:.0f} sampled tokens/s; "
+              f"peak memory "
               f"{peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU max RSS'})")
 
 

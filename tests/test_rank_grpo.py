@@ -1,4 +1,5 @@
-"""04_rank_grpo.py: segmentation, rewards, advantages, the loss's identities, accumulation, smoke runs."""
+"""04_rank_grpo.py: segmentation, rewards, advantages, the loss's identities, accumulation,
+smoke runs."""
 
 import copy
 import json
@@ -30,8 +31,10 @@ def rules(text, n, adv_rank, eps_u=-0.1, eps_o=-0.2, eps_n=0.3):
     """length_rules on one list written as text: (advantage, unit) per token, None where masked."""
     ids = torch.tensor([tokens(text)])
     mask = torch.ones_like(ids)
-    adv, unit, mask = rg.length_rules(torch.tensor([adv_rank]), NL[ids], ids == EOS, mask, n, eps_u, eps_o, eps_n)
-    return [(round(a, 4), u) if m else None for a, u, m in zip(adv[0].tolist(), unit[0].tolist(), mask[0].tolist())]
+    adv, unit, mask = rg.length_rules(torch.tensor([adv_rank]), NL[ids], ids == EOS, mask, n,
+                                      eps_u, eps_o, eps_n)
+    rows = zip(adv[0].tolist(), unit[0].tolist(), mask[0].tolist())
+    return [(round(a, 4), u) if m else None for a, u, m in rows]
 
 
 def seg(ids, n_real=None):
@@ -61,19 +64,27 @@ def test_segment_padding_is_minus_one():
     assert seg(tokens("A\nB<eos><eos><eos>"), n_real=4) == [0, 0, 1, 1, -1, -1]
 
 
-# --- 2. the length rules: (advantage, unit) per token; eps_u -0.1, eps_o -0.2, eps_n +0.3 -----------
+# --- 2. the length rules: (advantage, unit) per token; eps_u -0.1, eps_o -0.2, eps_n +0.3 ---------
 
 U, O, S = -0.1, -0.2, 0.3
-RULES = [  # text, N, per-rank advantages, expected (advantage, unit) per token (None: out of the loss)
-    ("A\nB<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (S, 3)]),   # exactly N: stop bonus
-    ("A<eos>", 2, [0.5, -0.5], [(0.5, 0), (U, 1)]),                          # fewer than N: premature EOS
-    ("A\nB\nA<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), (O, 4), None]),  # N + 1
-    ("A\nB\n<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), None]),  # trailing newline
-    ("A\nB\n\nA", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), (O, 6)]),  # "\n\n" past N
-    ("A\n\nB", 2, [0.5, -0.5], [(0.5, 0), (O, 1), (O, 4)]),  # "\n\n" holding the N-th newline
-    ("A\n\nB<eos>", 3, [0.5, 0.1, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 4), (S, 5)]),  # empty line 2: 3 lines
-    ("A\nB", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2)]),  # cut at the token cap: no decision
-    ("AB \nA\nB<eos>", 3, [1.0, 0.0, -1.0], [(1.0, 0)] * 3 + [(0.0, 2), (0.0, 2), (-1.0, 4), (S, 5)]),
+# text, N, per-rank advantages, expected (advantage, unit) per token (None: out of the loss)
+RULES = [
+    ("A\nB<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (S, 3)]),  # exactly N: stop bonus
+    ("A<eos>", 2, [0.5, -0.5], [(0.5, 0), (U, 1)]),  # fewer than N: premature EOS
+    # N + 1
+    ("A\nB\nA<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), (O, 4), None]),
+    # trailing newline
+    ("A\nB\n<eos>", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), None]),
+    # "\n\n" past N
+    ("A\nB\n\nA", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2), (O, 3), (O, 6)]),
+    # "\n\n" holding the N-th newline
+    ("A\n\nB", 2, [0.5, -0.5], [(0.5, 0), (O, 1), (O, 4)]),
+    # empty line 2: 3 lines
+    ("A\n\nB<eos>", 3, [0.5, 0.1, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 4), (S, 5)]),
+    # cut at the token cap: no decision
+    ("A\nB", 2, [0.5, -0.5], [(0.5, 0), (0.5, 0), (-0.5, 2)]),
+    ("AB \nA\nB<eos>", 3, [1.0, 0.0, -1.0],
+     [(1.0, 0)] * 3 + [(0.0, 2), (0.0, 2), (-1.0, 4), (S, 5)]),
 ]
 
 
@@ -90,7 +101,8 @@ def test_one_update_on_n_minus_1_n_and_n_plus_1_items_teaches_stopping_at_n(tiny
     assert len(nl) == 1
     prompt = tok.encode("Recommend two movies:\n")
     items = [tok.encode(t) for t in ("Heat (1995)", "Alien (1979)", "Jaws (1975)")]
-    lists = [items[0] + [eos], items[0] + nl + items[1] + [eos], items[0] + nl + items[1] + nl + items[2] + [eos]]
+    lists = [items[0] + [eos], items[0] + nl + items[1] + [eos],
+             items[0] + nl + items[1] + nl + items[2] + [eos]]
     batch = common.make_batch([prompt] * 3, lists, tok.pad_token_id)
     eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
     for i, c in enumerate(lists):
@@ -116,8 +128,8 @@ def test_one_update_on_n_minus_1_n_and_n_plus_1_items_teaches_stopping_at_n(tiny
 
     before = probs()
     logp = common.completion_logprobs(model, batch)
-    loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, unit, mask, eps_low=0.06, eps_high=0.08,
-                                beta=0.0, n_units=3 * n, n_tokens=mask.sum())
+    loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, unit, mask, eps_low=0.06,
+                                eps_high=0.08, beta=0.0, n_units=3 * n, n_tokens=mask.sum())
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
@@ -132,15 +144,17 @@ def test_segmentation_matches_text_split_with_a_real_tokenizer(tiny):
     model, tok = tiny
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
     assert table[tok.convert_tokens_to_ids("ĊĊ")] == 2
-    for text in ["Heat (1995)\nAlien (1979)\n \n\nJaws (1975)", "A\n\n\nB \nC", "no newline", "\n\nx\n"]:
+    texts = ["Heat (1995)\nAlien (1979)\n \n\nJaws (1975)", "A\n\n\nB \nC", "no newline", "\n\nx\n"]
+    for text in texts:
         ids = tok.encode(text)
-        rank = rg.segment_ranks(table[torch.tensor([ids])], torch.ones(1, len(ids), dtype=torch.long))[0]
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        rank = rg.segment_ranks(table[torch.tensor([ids])], mask)[0]
         for t in range(len(ids)):  # brute force: newlines in the text before token t
             assert rank[t] == tok.decode(ids[:t]).count("\n")
         assert int(table[ids].sum()) == text.count("\n")
 
 
-# --- 2. rewards ------------------------------------------------------------------------------------
+# --- 3. rewards -----------------------------------------------------------------------------------
 
 def test_rewards_hand_computed():
     rel = torch.tensor([[1.0, 0.0, 1.0]])
@@ -173,7 +187,35 @@ def test_rank_relevance_from_texts():
     assert rel.tolist() == [[0, 1, 0], [0, 0, 1]]
 
 
-# --- 3. advantages ----------------------------------------------------------------------------------
+# --- 4. advantages --------------------------------------------------------------------------------
+
+def pair(a, b):
+    """The advantages of two samples with rewards a and b (G = 2): +-(a - b) / 2 / (std + 1e-4)."""
+    z = (a - b) / 2 / (abs(a - b) / math.sqrt(2) + 1e-4)
+    return z, -z
+
+
+H, A, X = "Heat (1995)", "Alien (1979)", "Xanadu (1980)"  # Alien is the one relevant item
+D3 = 1 / math.log2(3)
+ADVANTAGES = [  # G = 2 sampled lists as text, the reward, the expected advantage per rank
+    ([f"{A}\n{H}", f"{H}\n{A}"], "exp_inf", [pair(1, 0), pair(0, 1)]),
+    ([f"{A}\n{H}", f"{A}\n{X}"], "exp_inf", [(0, 0), (0, 0)]),  # the group agrees at each rank
+    ([f"{A}\n{A}", f"{H}\n{A}"], "exp_inf", [pair(1, 0), pair(0, 1)]),  # a repeat is no hit
+    ([f"{H}\n{A}", f"{H}"], "exp_inf", [(0, 0), pair(1, 0)]),  # a missing line earns nothing
+    ([f"{A}\n{H}", f"{H}\n{A}"], "log", [pair(1, D3), pair(0, D3)]),  # DCG@k:N
+    ([f"{A}\n{H}", f"{H}\n{A}"], "dcg", [pair(1, D3), pair(1, D3)]),  # one reward per list
+]
+
+
+@pytest.mark.parametrize("texts, kind, expected", ADVANTAGES)
+def test_advantages_of_sampled_lists(texts, kind, expected):
+    cat = common.Catalog([{"title": t, "year": y} for t, y in
+                          (("Heat", 1995), ("Alien", 1979), ("Xanadu", 1980))])
+    row = {"id": "c#0", "seen_titles": [], "groundtruth_with_release_year": [["Alien", "1979"]]}
+    rel = rg.rank_relevance(texts, [row] * len(texts), cat, 2)
+    adv = rg.group_advantages(rg.rank_rewards(rel, kind), len(texts))  # [G, N]
+    assert adv.T.tolist() == [pytest.approx(list(e), abs=1e-6) for e in expected]
+
 
 def test_advantages_zero_when_the_group_agrees_and_normalised_per_rank():
     rewards = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0],   # prompt 1 (G = 2)
@@ -183,7 +225,7 @@ def test_advantages_zero_when_the_group_agrees_and_normalised_per_rank():
     assert adv.flatten().tolist() == pytest.approx([z, 0, 0, -z, 0, 0, 0, z, 0, 0, -z, 0], abs=1e-6)
 
 
-# --- 4. the loss ------------------------------------------------------------------------------------
+# --- 5. the loss ----------------------------------------------------------------------------------
 
 def hand_batch(seed=0, B=4, T=7, n=3):
     g = torch.Generator().manual_seed(seed)
@@ -196,8 +238,9 @@ def hand_batch(seed=0, B=4, T=7, n=3):
 
 
 def loss(logp, logp_old, adv, unit, mask, n_units, logp_ref=None, beta=0.0, eps=(0.06, 0.08), **kw):
-    return rg.rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask, eps_low=eps[0], eps_high=eps[1],
-                             beta=beta, n_units=n_units, n_tokens=mask.sum(), **kw)
+    return rg.rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask,
+                             eps_low=eps[0], eps_high=eps[1], beta=beta,
+                             n_units=n_units, n_tokens=mask.sum(), **kw)
 
 
 def test_rank_ratio_is_the_geometric_mean_of_token_ratios():
@@ -206,7 +249,8 @@ def test_rank_ratio_is_the_geometric_mean_of_token_ratios():
     log_ratio, size = rg.unit_mean(logp - logp_old, rank, mask)
     i = 0  # rank 1 of sequence 0 is tokens 2..4
     token_ratios = torch.exp(logp[i, 2:5] - logp_old[i, 2:5])
-    assert torch.exp(log_ratio[i, 3]).item() == pytest.approx((token_ratios.prod() ** (1 / 3)).item(), rel=1e-6)
+    geo_mean = (token_ratios.prod() ** (1 / 3)).item()
+    assert torch.exp(log_ratio[i, 3]).item() == pytest.approx(geo_mean, rel=1e-6)
     assert size[i, 3] == 3
 
 
@@ -218,7 +262,8 @@ def test_ratio_is_exactly_one_on_policy():
 
 
 def test_on_policy_gradient_is_the_rank_policy_gradient(tiny):
-    """At theta = theta_old the gradient of Eq. 6 is sum_i sum_k A_ik (1/(G N |y^(k)|)) sum_t grad log pi."""
+    """At theta = theta_old the gradient of Eq. 6 is
+    sum_i sum_k A_ik (1/(G N |y^(k)|)) sum_t grad log pi."""
     model, tok = tiny
     prompts = [tok.encode("Heat (1995)\n"), tok.encode("x")]
     comps = [tok.encode("Alien (1979)\nJaws (1975)")[:10], tok.encode("ab\ncd\nef\ngh (1)")[:10]]
@@ -251,7 +296,8 @@ def test_on_policy_gradient_is_the_rank_policy_gradient(tiny):
 
 def loss_and_grad(level, rank, mask, adv, logp_old, logp0, n_units, **kw):
     logp = logp0.clone().requires_grad_(True)
-    value, _ = loss(logp, logp_old, adv, rg.ratio_units(rank, level), mask, n_units, eps=(0.2, 0.3), **kw)
+    unit = rg.ratio_units(rank, level)
+    value, _ = loss(logp, logp_old, adv, unit, mask, n_units, eps=(0.2, 0.3), **kw)
     value.backward()
     return value.item(), logp.grad
 
@@ -331,17 +377,19 @@ def test_kl_enters_the_loss_with_weight_beta():
     assert st["kl_sum"].item() == pytest.approx(kl.item() * mask.sum().item(), rel=1e-5)
 
 
-# --- 5. accumulation ---------------------------------------------------------------------------------
+# --- 6. accumulation ------------------------------------------------------------------------------
 
 def test_accumulated_micro_batches_equal_the_full_batch(tiny):
     model, tok = tiny
     texts = ["Heat (1995)\nAlien (1979)", "ab\ncd\nef", "Jaws (1975)\nx", "q\n\nr\ns\nt"]
-    prompts = [tok.encode("prompt one"), tok.encode("a longer prompt two"), tok.encode("prompt one"),
-               tok.encode("prompt four is here")]
-    ro = rg.Rollouts(prompts, [tok.encode(t) + [tok.eos_token_id] for t in texts], [True] * 4, texts, [{}] * 4)
+    prompts = [tok.encode("prompt one"), tok.encode("a longer prompt two"),
+               tok.encode("prompt one"), tok.encode("prompt four is here")]
+    completions = [tok.encode(t) + [tok.eos_token_id] for t in texts]
+    ro = rg.Rollouts(prompts, completions, [True] * 4, texts, [{}] * 4)
     n = 3
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
-    adv_rank = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.1, -0.3], [-1.0, 0.0, 1.0], [0.5, 0.5, -0.5]])
+    adv_rank = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.1, -0.3],
+                             [-1.0, 0.0, 1.0], [0.5, 0.5, -0.5]])
     g = torch.Generator().manual_seed(5)
     noise = {i: 0.05 * torch.randn(40, generator=g) for i in range(4)}
 
@@ -355,9 +403,11 @@ def test_accumulated_micro_batches_equal_the_full_batch(tiny):
             idx = range(start, start + len(batch.prompt_of))
             start += len(batch.prompt_of)
             logp = common.completion_logprobs(model, batch)
-            logp_old = logp.detach() + torch.stack([noise[i][:logp.shape[1]] for i in idx])  # off-policy
-            value, _ = rg.rank_grpo_loss(logp, logp_old, logp_old - 0.1, b["adv"], b["unit"], b["mask"],
-                                         eps_low=0.06, eps_high=0.08, beta=0.01, n_units=4 * n, n_tokens=n_tokens)
+            # off-policy
+            logp_old = logp.detach() + torch.stack([noise[i][:logp.shape[1]] for i in idx])
+            value, _ = rg.rank_grpo_loss(logp, logp_old, logp_old - 0.1, b["adv"], b["unit"],
+                                         b["mask"], eps_low=0.06, eps_high=0.08, beta=0.01,
+                                         n_units=4 * n, n_tokens=n_tokens)
             value.backward()
         return [p.grad.clone() for p in model.parameters()]
 
@@ -379,10 +429,11 @@ def test_rl_sampling_draws_from_the_whole_softmax(tiny):
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
     outside = ~torch.isin(first, probs.topk(50).indices)  # a top-50 sampler would never draw these
-    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(), abs=0.04)
+    top50_mass = probs.topk(50).values.sum().item()
+    assert outside.float().mean().item() == pytest.approx(1 - top50_mass, abs=0.04)
 
 
-# --- 6. smoke runs ------------------------------------------------------------------------------------
+# --- 7. smoke runs --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, demo_data):
@@ -390,8 +441,8 @@ def sft_dir(tmp_path_factory, demo_data):
     samples have several lines: items beyond N = 1 (overflow, eps_o) give every step a gradient."""
     model, tok = common.load_model("tiny")
     listing = tok.encode("Heat (1995)\nAlien (1979)\nJaws (1975)\nRocky (1976)\nGravity (2013)")
-    prompts = common.encode_prompts(tok, [r["prompt"] for r in common.read_rows(demo_data / "train.jsonl", "")[:4]],
-                                    2048)
+    rows = common.read_rows(demo_data / "train.jsonl", "")[:4]
+    prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], 2048)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(60):
         ids = torch.tensor([prompts[step % 4] + listing])
@@ -406,9 +457,10 @@ def sft_dir(tmp_path_factory, demo_data):
 
 
 def args(demo_data, sft_dir, out, *extra):
-    return ["--data-dir", str(demo_data), "--model", str(sft_dir), "--out", str(out), "--steps", "2",
-            "--prompts-per-step", "2", "--group-size", "3", "--micro-batch-size", "4", "--max-new-tokens", "20",
-            "--val-limit", "2", "--val-every", "0", "--sample-every", "1", "--save-every", "1", "--lr", "1e-3",
+    return ["--data-dir", str(demo_data), "--model", str(sft_dir), "--out", str(out),
+            "--steps", "2", "--prompts-per-step", "2", "--group-size", "3",
+            "--micro-batch-size", "4", "--max-new-tokens", "20", "--val-limit", "2",
+            "--val-every", "0", "--sample-every", "1", "--save-every", "1", "--lr", "1e-3",
             "--n-items", "1", *extra]
 
 
@@ -419,7 +471,8 @@ def weights(d):
 @pytest.mark.parametrize("algo", ["rank_grpo", "grpo", "gspo"])
 def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_path, capsys):
     options = ["--temperature", "0.8", "--aggregation", "released"] if algo == "rank_grpo" else []
-    rg.main(args(demo_data, sft_dir, tmp_path, "--algo", algo, "--mu", "2" if algo == "gspo" else "1",
+    rg.main(args(demo_data, sft_dir, tmp_path, "--algo", algo,
+                 "--mu", "2" if algo == "gspo" else "1",
                  "--val-every", "2" if algo == "rank_grpo" else "0", *options))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "reward" in r]
@@ -433,7 +486,8 @@ def test_smoke_each_algo_changes_weights_and_logs(algo, demo_data, sft_dir, tmp_
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert "| ground truth:" in capsys.readouterr().out
     config = json.loads((tmp_path / "run_config.json").read_text())
-    assert config["algo"] == algo and config["aggregation"] == ("released" if algo == "rank_grpo" else "paper")
+    aggregation = "released" if algo == "rank_grpo" else "paper"
+    assert config["algo"] == algo and config["aggregation"] == aggregation
 
 
 def test_resume_continues_exactly(demo_data, sft_dir, tmp_path):
@@ -444,8 +498,8 @@ def test_resume_continues_exactly(demo_data, sft_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     start = weights(sft_dir)
     assert any(not torch.equal(a[k], start[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
-             if "reward" in json.loads(x)]
+    lines = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if "reward" in json.loads(x)]
     assert steps == [1, 2, 3]
 
 
