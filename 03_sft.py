@@ -1,13 +1,13 @@
 """Stage 03: supervised warm start (SFT) on the Remap-Reflect-Adjust demonstrations.
 
-Paper: Eq. 2 and the SFT recipe of section 2.2 (docs/method.md, 'SFT'). Full fine-tuning with cross-entropy on the
-completion tokens only: the prompt is the condition, not a target. The model learns the output format
-(N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py starts from the result and also
-uses it as the frozen KL reference.
+Paper: Eq. 2 and the SFT recipe of section 2.2 (docs/method.md, 'SFT'). Full fine-tuning with
+cross-entropy on the completion tokens only: the prompt is the condition, not a target. The model
+learns the output format (N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py
+starts from the result and also uses it as the frozen KL reference.
 
-  python 03_sft.py                                    # CPU demo: smollm2, 24 steps x 8 sequences, ~7 min
+  python 03_sft.py                    # CPU demo: smollm2, 80 steps x 8 sequences, ~13 min
   python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
-  python 03_sft.py --resume                           # continue from runs/sft/checkpoint, same flags
+  python 03_sft.py --resume           # continue from runs/sft/checkpoint, same flags
 
 The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; one GPU, bf16 autocast, fp32
 master weights; 1,500 steps x 384 sequences = 576,000 sequences, about 6 passes over the rows):
@@ -20,22 +20,24 @@ Reads <data-dir>/sft_train.jsonl, sft_val.jsonl (02) and, with --eval-gen, catal
 Writes <out>/: the model and tokenizer (save_pretrained), run_config.json, log.jsonl, checkpoint/.
 
 Each optimizer step: --batch-size sequences; the loss is the sum of the completion tokens' negative
-log-likelihood divided by the number of completion tokens of the whole step, so the gradient does not
-depend on how the step is cut into micro-batches (--micro-batch-size, memory only).
+log-likelihood divided by the number of completion tokens of the whole step, so the gradient does
+not depend on how the step is cut into micro-batches (--micro-batch-size, memory only).
 
 Deviations from the paper (which gives only lr, schedule, batch, max length and steps):
   1. Training length is counted in optimizer steps (--steps). The data is reshuffled each epoch with
      a seeded generator; a batch may span the end of one epoch and the start of the next.
-  2. A sequence longer than --max-len keeps its prompt (left-truncated to --max-prompt-tokens, so the
-     oldest turns go first) and loses the end of its completion, EOS included; the count is printed.
+  2. A sequence longer than --max-len keeps its prompt (left-truncated to --max-prompt-tokens, so
+     the oldest turns go first) and loses the end of its completion, EOS included; the count is
+     printed.
   3. AdamW with betas (0.9, 0.999) and no weight decay; warm-up = 5% of the steps rounded down, with
-     transformers' schedule (its first warm-up step has lr 0: one of the demo's 24 steps only
+     transformers' schedule (its first warm-up step has lr 0: one of the demo's 80 steps only
      measures the loss). The paper does not give these.
-  4. The CPU demo defaults (smollm2, 24 x 8 sequences, lr 1e-4, N = 10) are a miniature; fp32 on a
-     CPU. --bf16 forces bf16 autocast on a CPU; on CPUs without bf16 instructions (no AVX-512-BF16, like the
-     2-core machine this was written on) it is emulated and much slower than fp32.
-  5. Rows of one conversation share their prompt and demonstration (they differ only in ground truth,
-     which SFT does not use), so each distinct (prompt, demonstration) pair is trained on once.
+  4. The CPU demo defaults (smollm2, 80 x 8 sequences, lr 5e-4, N = 10; chosen on validation,
+     docs/experiments.md) are a miniature: 0.4 epoch of the demo's 1,600 demonstrations. bf16
+     autocast runs where bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX), fp32 elsewhere.
+  5. Rows of one conversation share their prompt and demonstration (they differ only in ground
+     truth, which SFT does not use), so each distinct (prompt, demonstration) pair is trained on
+     once.
 """
 
 from __future__ import annotations
@@ -63,18 +65,18 @@ class Config:
                        within="[0, inf)")
     seed: int = arg(0, "seed of the data order (and of everything else random)")
     cpu: bool = arg(False, "train on the CPU even when CUDA is available")
-    bf16: bool = arg(True, "bf16 autocast (fp32 master weights) where bf16 is native: CUDA, CPUs with "
-                           "AVX512-BF16 or AMX; --no-bf16: fp32")
+    bf16: bool = arg(True, "bf16 autocast (fp32 master weights) where bf16 is native: CUDA, CPUs "
+                           "with AVX512-BF16 or AMX; --no-bf16: fp32")
     limit: int = arg(0, "use only the first LIMIT training rows (0: all)", within="[0, inf)")
-    steps: int = arg(24, "optimizer steps (the paper: 1,500)", within="[1, inf)")
+    steps: int = arg(80, "optimizer steps (the paper: 1,500)", within="[1, inf)")
     batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)",
                           within="[1, inf)")
-    micro_batch_size: int = arg(4, "sequences per forward/backward pass; changes memory, not the math",
-                                within="[1, inf)")
-    lr: float = arg(1e-4, "peak learning rate of AdamW (the paper: 5e-5; the 24-step CPU demo needs more)",
-                    within="(0, inf)")
-    warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay to 0",
-                             within="[0, 1)")
+    micro_batch_size: int = arg(8, "sequences per forward/backward pass; changes memory, not the "
+                                "math", within="[1, inf)")
+    lr: float = arg(5e-4, "peak learning rate of AdamW (the paper: 5e-5; the 80-step CPU demo "
+                    "needs more)", within="(0, inf)")
+    warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay "
+                             "to 0", within="[0, 1)")
     weight_decay: float = arg(0.0, "AdamW weight decay", within="[0, inf)")
     max_grad_norm: float = arg(1.0, "clip the gradient's global norm to this (0: no clipping)",
                                within="[0, inf)")
@@ -82,20 +84,22 @@ class Config:
                        within="[2, inf)")
     max_prompt_tokens: int = arg(768, "keep the last this many prompt tokens (must be < --max-len)",
                                  within="[1, inf)")
-    grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more time")
-    eval_every: int = arg(24, "validation every this many steps, and at the last step (0: never)",
+    grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more "
+                                   "time")
+    eval_every: int = arg(40, "validation every this many steps, and at the last step (0: never)",
                           within="[0, inf)")
     val_limit: int = arg(16, "validation rows for the validation loss", within="[1, inf)")
     eval_gen: int = arg(8, "greedy generation on this many validation conversations (0: off)",
                         within="[0, inf)")
     eval_batch_size: int = arg(16, "sequences per batch in validation loss and generation",
                                within="[1, inf)")
-    max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT completion",
-                              within="[0, inf)")
-    save_every: int = arg(12, "write <out>/checkpoint every this many steps (0: never)",
+    max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT "
+                              "completion", within="[0, inf)")
+    save_every: int = arg(40, "write <out>/checkpoint every this many steps (0: never)",
                           within="[0, inf)")
     resume: bool = arg(False, "continue exactly from <out>/checkpoint (use the same flags)")
-    overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is kept)")
+    overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is "
+                          "kept)")
 
 
 # Settings that define the training trajectory: a resume with different values would not continue
@@ -114,7 +118,8 @@ class Example:
     completion: list[int]  # the demonstration's tokens, then EOS: what the model must generate
 
 
-def encode_examples(tok, rows: list[dict], max_prompt_tokens: int, max_len: int) -> tuple[list[Example], int]:
+def encode_examples(tok, rows: list[dict], max_prompt_tokens: int,
+                    max_len: int) -> tuple[list[Example], int]:
     """Token ids of each row's prompt and completion, and how many completions were cut at max_len.
 
     The completion is tokenised on its own and followed by EOS: exactly the tokens the model will
@@ -144,7 +149,7 @@ def collate(examples: list[Example], pad_id: int) -> common.Batch:
 # ------------------------------------------------------------------------------------------------
 
 def completion_nll(logp_tok: torch.Tensor, comp_mask: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood of the completion tokens. logp_tok, comp_mask [B, T] -> scalar.
+    """Summed negative log-likelihood of completion tokens. logp_tok, comp_mask [B, T] -> scalar.
 
     Prompt positions never enter (logp_tok holds completion positions only); padding is masked. The
     caller divides by the number of completion tokens of the whole optimizer step.
@@ -164,7 +169,8 @@ def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad
     device = next(model.parameters()).device
     n_comp = n_comp or sum(len(e.completion) for e in batch)  # the step's normaliser
     n_all = sum(len(e.prompt) + len(e.completion) for e in batch)
-    batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.completion))  # similar lengths: less padding
+    # similar lengths: less padding
+    batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.completion))
     total = torch.zeros((), device=device)
     for s in range(0, len(batch), micro_batch_size):
         b = collate(batch[s:s + micro_batch_size], pad_id).to(device)
@@ -185,7 +191,8 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=g).tolist()
 
 
-def next_batch(n_rows: int, batch_size: int, seed: int, epoch: int, pos: int) -> tuple[list[int], int, int]:
+def next_batch(n_rows: int, batch_size: int, seed: int, epoch: int,
+               pos: int) -> tuple[list[int], int, int]:
     """The next batch_size row indices from position (epoch, pos), and the position after them."""
     out: list[int] = []
     while len(out) < batch_size:
@@ -211,7 +218,8 @@ def generation_metrics(texts: list[str], rows: list[dict], catalog: common.Catal
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, amp: bool) -> float:
+def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int,
+                    amp: bool) -> float:
     """Token-mean NLL of the validation completions (the same loss as training, no gradient)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -231,8 +239,8 @@ def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
     data, out = Path(cfg.data_dir), Path(cfg.out)
     if cfg.max_prompt_tokens >= cfg.max_len:
-        raise common.DataError(f"--max-prompt-tokens {cfg.max_prompt_tokens} leaves no room for a completion "
-                               f"in --max-len {cfg.max_len}")
+        raise common.DataError(f"--max-prompt-tokens {cfg.max_prompt_tokens} leaves no room for a "
+                               f"completion in --max-len {cfg.max_len}")
 
     # 1. Read the demonstrations (and the catalog, to score generated lists).
     hint = "run 02_build_sft.py first"
@@ -240,23 +248,28 @@ def main(argv=None) -> None:
     val_rows = common.read_rows(data / "sft_val.jsonl", hint, need_completion=True)
     # The rows of one conversation differ only in their ground truth, which SFT does not use: each
     # distinct (prompt, demonstration) pair is one training example.
-    train_rows = list({common.prompt_key(r["prompt"] + r["completion"]): r for r in train_rows}.values())
+    train_rows = list({common.prompt_key(r["prompt"] + r["completion"]): r
+                       for r in train_rows}.values())
     if cfg.limit:
         train_rows = train_rows[:cfg.limit]
     catalog = common.Catalog.load(data / "catalog.jsonl") if cfg.eval_gen else None
     cfg.n_items = common.data_n(data, cfg.n_items)
-    # Several processes (torchrun): each takes every world-th sequence of a step; rank 0 logs and saves.
+    # Several processes (torchrun): each takes every world-th sequence of a step; rank 0 logs and
+    # saves.
     rank, world, device = common.setup_distributed(cfg.cpu)
     main_process = rank == 0
     if cfg.batch_size % world:
-        raise common.DataError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+        raise common.DataError(f"--batch-size {cfg.batch_size} is not divisible by {world} "
+                               "processes")
     if main_process:
-        print(f"read {len(train_rows)} distinct training examples and {len(val_rows)} validation rows from {data}")
+        print(f"read {len(train_rows)} distinct training examples and {len(val_rows)} validation "
+              f"rows from {data}")
 
     # 2. Device, model, tokens. Weights stay fp32 (the master copy); bf16 only inside autocast.
     common.seed_everything(cfg.seed)
     amp = cfg.bf16 and common.bf16_native(device)
-    model, tok = common.load_model(cfg.model, device=device, trust_remote_code=cfg.trust_remote_code)
+    model, tok = common.load_model(cfg.model, device=device,
+                                   trust_remote_code=cfg.trust_remote_code)
     if main_process:  # only now that everything it needs has loaded: a failure above writes nothing
         common.start_run(out, cfg, cfg.resume, TRAJECTORY, cfg.overwrite)
     common.barrier()
@@ -265,29 +278,35 @@ def main(argv=None) -> None:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     on_off = {True: "on", False: "off"}
-    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters | device {device} x {world} | weights fp32 | "
-          f"bf16 autocast {on_off[amp]} | gradient checkpointing {on_off[cfg.grad_checkpointing]}")
+    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters | device {device} x {world} | "
+          f"weights fp32 | bf16 autocast {on_off[amp]} | "
+          f"gradient checkpointing {on_off[cfg.grad_checkpointing]}")
     train, n_cut = encode_examples(tok, train_rows, cfg.max_prompt_tokens, cfg.max_len)
     val, _ = encode_examples(tok, val_rows[:cfg.val_limit], cfg.max_prompt_tokens, cfg.max_len)
     mean_len = sum(len(e.prompt) + len(e.completion) for e in train) / len(train)
     print(f"training sequences: {mean_len:.0f} tokens on average"
-          + (f"; {n_cut} longer than --max-len {cfg.max_len}: their completions were cut (no EOS)" if n_cut else ""))
+          + (f"; {n_cut} longer than --max-len {cfg.max_len}: their completions were cut (no EOS)"
+             if n_cut else ""))
     gen_rows = common.first_conversations(val_rows, cfg.eval_gen) if cfg.eval_gen else []
     max_new = cfg.max_new_tokens or int(1.5 * max(len(e.completion) for e in train))
 
     # 3. Optimizer and schedule: AdamW, linear warm-up then cosine decay (paper: 5% warm-up).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay)
-    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_frac * cfg.steps),
+    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer,
+                                                             int(cfg.warmup_frac * cfg.steps),
                                                              cfg.steps)
     state = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0}
     if cfg.resume:
         state = common.load_checkpoint(out, model, optimizer, scheduler)
-        print(f"resumed from {out}/checkpoint at step {state['step']} (epoch {state['epoch']}, row {state['pos']})")
-    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=state["step"] if cfg.resume else None) \
+        print(f"resumed from {out}/checkpoint at step {state['step']} (epoch {state['epoch']}, "
+              f"row {state['pos']})")
+    log = common.StepLog(out / "log.jsonl", cfg.steps, show=SHOW,
+                         resume_step=state["step"] if cfg.resume else None) \
         if main_process else None
-    print(f"{cfg.steps} steps x {cfg.batch_size} sequences = {cfg.steps * cfg.batch_size / len(train):.2f} "
-          f"epochs of {len(train)} rows; writing {out}/")
+    print(f"{cfg.steps} steps x {cfg.batch_size} sequences = "
+          f"{cfg.steps * cfg.batch_size / len(train):.2f} epochs of {len(train)} rows; "
+          f"writing {out}/")
 
     # 4. Train: one optimizer step = accumulate over micro-batches, clip, step, zero_grad.
     start = time.time() - state["elapsed"]
@@ -297,10 +316,11 @@ def main(argv=None) -> None:
                                                        state["epoch"], state["pos"])
         lr = scheduler.get_last_lr()[0]
         n_comp = sum(len(train[i].completion) for i in idx)  # every process knows the whole batch
-        nll, _, n_all = accumulate_gradients(model, [train[i] for i in idx[rank::world]], cfg.micro_batch_size,
-                                             tok.pad_token_id, amp, n_comp)
+        nll, _, n_all = accumulate_gradients(model, [train[i] for i in idx[rank::world]],
+                                             cfg.micro_batch_size, tok.pad_token_id, amp, n_comp)
         common.all_reduce_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.max_grad_norm or math.inf)
         if not (torch.isfinite(grad_norm) and torch.isfinite(nll)):  # never step into NaN weights
             raise common.DataError(f"step {step}: the loss ({nll.item()}) or gradient norm "
                                    f"({grad_norm.item()}) is not finite; the model was not updated")
@@ -312,13 +332,17 @@ def main(argv=None) -> None:
         if main_process:
             log.log(step, {"loss": nll / n_comp, "lr": lr, "grad_norm": grad_norm.item(),
                            "tok/s": n_all / (time.time() - t0),
-                           "epoch": state["epoch"] + state["pos"] / len(train), "elapsed": state["elapsed"]})
+                           "epoch": state["epoch"] + state["pos"] / len(train),
+                           "elapsed": state["elapsed"]})
 
         if main_process and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size, tok.pad_token_id, amp)}
+            record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size,
+                                                  tok.pad_token_id, amp)}
             if gen_rows:
-                texts = common.generate_for_rows(model, tok, gen_rows, max_new, batch_size=cfg.eval_batch_size,
-                                                 max_prompt_tokens=cfg.max_prompt_tokens, progress="val generate")
+                texts = common.generate_for_rows(model, tok, gen_rows, max_new,
+                                                 batch_size=cfg.eval_batch_size,
+                                                 max_prompt_tokens=cfg.max_prompt_tokens,
+                                                 progress="val generate")
                 record.update(generation_metrics(texts, gen_rows, catalog, cfg.n_items))
                 print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n_items))
             log.log(step, record)
@@ -333,6 +357,12 @@ def main(argv=None) -> None:
         print(f"wrote {out}/ (model, tokenizer, run_config.json, log.jsonl"
               + (", checkpoint/)" if (out / "checkpoint").exists() else ")"))
     common.barrier()
+
+
+# The printed step line and its number formats (every number also goes to log.jsonl).
+SHOW = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f", "tok/s": ".0f", "epoch": ".2f",
+        "elapsed": ".0f", "val_loss": ".4f", "val_recall@10": ".3f", "val_ndcg@10": ".3f",
+        "val_in_catalog": ".3f", "val_valid": ".3f"}
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
 Paper: section 3 (metrics) and Table 1 (the evaluation protocol). For every model: greedy decoding,
 one generation per unique conversation (its rows share one prompt), every row scored against its own
 ground truth; Recall@k and NDCG@k for k in {5, 10, 15, 20} capped at N, each with a standard error;
-hit rate at every rank; in-catalog, valid-format and duplicate rates; list length. Then a comparison
-of several evaluations: a Markdown table and PNG plots (metrics against k, hit rate per rank, and the
-training curves of runs that have a log.jsonl).
+hit rate at every rank; in-catalog, valid-format and duplicate rates; list length. Then a
+comparison of several evaluations: a Markdown table and PNG plots (metrics against k, hit rate per
+rank, and the training curves of runs that have a log.jsonl).
 
-  python 05_eval.py                              # smollm2 (zero-shot) + whichever of runs/sft,
-                                                 # runs/rank_grpo, runs/grpo exist, on the first
-                                                 # 120 test conversations (CPU demo); then compare
-  python 05_eval.py --limit 0                    # all test conversations
+  python 05_eval.py                              # popularity, smollm2 (zero-shot) + whichever of
+                                                 # runs/sft, runs/rank_grpo, runs/grpo exist, on
+                                                 # all test conversations; then compare
+  python 05_eval.py --limit 120                  # the first 120 test conversations
   python 05_eval.py --models smollm2 --limit 32  # a quick look at 32 test conversations
   python 05_eval.py --models runs/sft --split val
   python 05_eval.py --compare runs/eval/smollm2 runs/eval/sft runs/eval/rank_grpo
@@ -26,20 +26,21 @@ table, and every model minus every earlier one, paired on the rows both scored),
 hit_rate_per_rank.png and training_<name>.png.
 
 Deviations from the paper and the released code:
-  1. IDCG@k is the textbook one, over min(k, |GT|) relevant items (docs/method.md, 'Metrics'). The released
-     code truncates IDCG to the length of the filtered list, which inflates the NDCG of short lists:
-     a model that outputs one correct item and nothing else would score a perfect NDCG there.
+  1. IDCG@k is the textbook one, over min(k, |GT|) relevant items (docs/method.md, 'Metrics'). The
+     released code truncates IDCG to the length of the filtered list, which inflates the NDCG of
+     short lists: a model that outputs one correct item and nothing else would score a perfect NDCG
+     there.
   2. Two protocols. "filtered" is the paper's and the headline: seen, invalid and out-of-catalog
      items are removed and later items move up. "aligned" is strict: rank k is line k of the text,
      so a malformed line keeps its slot and scores 0. Both come from common.score_completion.
-  3. Standard errors, which the paper does not report, are clustered by conversation (the rows of one
-     conversation share a generation, so they are not independent draws).
+  3. Standard errors, which the paper does not report, are clustered by conversation (the rows of
+     one conversation share a generation, so they are not independent draws).
   4. Generation stops at --max-new-tokens, by default 16 tokens per line of the N asked for plus 16
      (a demo title takes 11 SmolLM2 tokens on average; the paper allows 1024). A trained model ends
-     its list with EOS long before. Zero-shot SmolLM2 writes prose and runs to the cap on nearly every
-     prompt, so its evaluation costs conversations x cap tokens, and a valid item it would have
-     written after the cap (which the filtered protocol would move up) is lost: for such a model
-     the scores are those at that cap.
+     its list with EOS long before. Zero-shot SmolLM2 writes prose and runs to the cap on nearly
+     every prompt, so its evaluation costs conversations x cap tokens, and a valid item it would
+     have written after the cap (which the filtered protocol would move up) is lost: for such a
+     model the scores are those at that cap.
 """
 
 from __future__ import annotations
@@ -56,30 +57,33 @@ from pathlib import Path
 import common
 from common import arg
 
-# What each known run directory is and which stage makes it (for messages and the default model list).
+# What each known run directory is and which stage makes it (for messages and the default model
+# list).
 RUNS = {"sft": "run 03_sft.py first", "rank_grpo": "run 04_rank_grpo.py first",
         "grpo": "run 04_rank_grpo.py --algo grpo --out runs/grpo first"}
 
 
 @dataclass
 class Config:
-    models: list[str] = arg([], "models: popularity (the floor: no model), smollm2 (zero-shot), tiny, a run "
-                                "directory (runs/sft), an HF directory or hub id; none: popularity, smollm2 "
-                                "and whichever of runs/{sft,rank_grpo,grpo} exist")
+    models: list[str] = arg([], "models: popularity (the floor: no model), smollm2 (zero-shot), "
+                                "tiny, a run directory (runs/sft), an HF directory or hub id; "
+                                "none: popularity, smollm2 and whichever of "
+                                "runs/{sft,rank_grpo,grpo} exist")
     data_dir: str = arg("data", "where catalog.jsonl and {val,test}.jsonl are (from 01_catalog.py)")
     split: str = arg("test", "which split to evaluate: val or test", choices=["val", "test"])
     out: str = arg("runs/eval", "evaluations go to <out>/<name>/, comparisons to <out>/")
     runs_dir: str = arg("runs", "with no --models: where to look for sft, rank_grpo and grpo")
     n_items: int = arg(0, "N, the list length scored; 0: what 01_catalog.py wrote the prompts with",
                        within="[0, inf)")
-    limit: int = arg(120, "evaluate only the first K conversations of the split (file order); 0: all",
-                     within="[0, inf)")
+    limit: int = arg(0, "evaluate only the first K conversations of the split (file order); "
+                     "0: all", within="[0, inf)")
     batch_size: int = arg(32, "prompts per generation batch", within="[1, inf)")
-    max_new_tokens: int = arg(0, "generation cap in tokens; 0: 16 per line of the N asked for, plus 16",
-                              within="[0, inf)")
-    max_prompt_tokens: int = arg(2048, "prompts are cut to their last this many tokens (the paper: 2048)",
-                                 within="[1, inf)")
-    compare: list[str] = arg([], "only compare these evaluation directories (<out>/<name>), evaluate nothing")
+    max_new_tokens: int = arg(0, "generation cap in tokens; 0: 16 per line of the N asked for, "
+                              "plus 16", within="[0, inf)")
+    max_prompt_tokens: int = arg(2048, "prompts are cut to their last this many tokens (the "
+                                 "paper: 2048)", within="[1, inf)")
+    compare: list[str] = arg([], "only compare these evaluation directories (<out>/<name>), "
+                                 "evaluate nothing")
     cpu: bool = arg(False, "run on the CPU even when CUDA is available")
     trust_remote_code: bool = arg(False, "allow an HF model's own code to run when it is loaded")
 
@@ -99,18 +103,20 @@ def resolve_model(spec: str) -> tuple[str, str]:
             raise common.DataError(f"{path}: no saved model in it (config.json missing); "
                                    f"{RUNS.get(path.name, 'has its training finished?')}")
         return path.resolve().name, str(path.resolve())
-    # Anything that is neither a directory nor an owner/name hub id is a missing directory, and so is
-    # a stage's run name (no 50 s of hub retries offline).
+    # Anything that is neither a directory nor an owner/name hub id is a missing directory, and so
+    # is a stage's run name (no 50 s of hub retries offline).
     if not common.looks_like_hub_id(spec) or path.name in RUNS:
-        raise common.DataError(f"{spec}: no such model directory; "
-                               f"{RUNS.get(path.name, 'give smollm2, tiny, a run directory or a hub id')}")
+        raise common.DataError(
+            f"{spec}: no such model directory; "
+            f"{RUNS.get(path.name, 'give smollm2, tiny, a run directory or a hub id')}")
     return spec.split("/")[-1], spec
 
 
 def default_models(runs_dir: str) -> list[str]:
     """The popularity list, zero-shot SmolLM2 and every finished run of 03/04, so a bare
     `python 05_eval.py` after the other stages compares the floor, zero-shot, SFT and RL."""
-    found = [str(Path(runs_dir) / name) for name in RUNS if (Path(runs_dir) / name / "config.json").is_file()]
+    found = [str(Path(runs_dir) / name) for name in RUNS
+             if (Path(runs_dir) / name / "config.json").is_file()]
     return ["popularity", "smollm2", *found]
 
 
@@ -136,7 +142,8 @@ def score_rows(rows: list[dict], texts: list[str], catalog: common.Catalog, n: i
         samples.append({"id": row["id"], "prompt_key": key, "text": text,
                         "items": [list(item) if item else None for item in items], **judged,
                         "hits_filtered": s["hits_filtered"], "hits_aligned": s["hits_aligned"],
-                        "groundtruth": row["groundtruth_with_release_year"], "seen_titles": row["seen_titles"]})
+                        "groundtruth": row["groundtruth_with_release_year"],
+                        "seen_titles": row["seen_titles"]})
     return scores, samples
 
 
@@ -185,10 +192,11 @@ def results_table(m: dict) -> str:
              f"{'':19s}" + "".join(f"{'@' + str(k):>19s}" for k in ks)]
     for proto in ("filtered", "aligned"):
         for metric in ("recall", "ndcg"):
-            lines.append(f"{proto:9s} {metric:9s}" + "".join(f"{pm(m, f'{metric}@{k}_{proto}'):>19s}" for k in ks))
-    lines.append(f"in-catalog {m['in_catalog_rate']:.3f} | valid format {m['valid_rate']:.3f} | duplicates "
-                 f"{m['duplicate_rate']:.3f} | list length {m['list_length']:.2f} | exact-N {m['exact_n']:.3f} "
-                 f"| completion tokens {m['completion_tokens']:.1f}")
+            lines.append(f"{proto:9s} {metric:9s}"
+                         + "".join(f"{pm(m, f'{metric}@{k}_{proto}'):>19s}" for k in ks))
+    lines.append(f"in-catalog {m['in_catalog_rate']:.3f} | valid format {m['valid_rate']:.3f} | "
+                 f"duplicates {m['duplicate_rate']:.3f} | list length {m['list_length']:.2f} | "
+                 f"exact-N {m['exact_n']:.3f} | completion tokens {m['completion_tokens']:.1f}")
     return "\n".join(lines)
 
 
@@ -196,7 +204,8 @@ def results_table(m: dict) -> str:
 # One evaluation: generate, score, write
 # ------------------------------------------------------------------------------------------------
 
-def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n: int, cfg: Config) -> dict:
+def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n: int,
+             cfg: Config) -> dict:
     """Evaluate one model on `rows`; write <out>/<name>/ and return its metrics."""
     start = time.time()
     device = common.pick_device(cfg.cpu)
@@ -209,13 +218,16 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
         print(f"\n=== {name}: loading {path} on {device} "
               f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'})")
         try:
-            model, tok = common.load_model(path, device=device, trust_remote_code=cfg.trust_remote_code)
+            model, tok = common.load_model(path, device=device,
+                                           trust_remote_code=cfg.trust_remote_code)
         except OSError as e:
-            raise common.DataError(f"{path}: cannot load a model ({str(e).splitlines()[0][:160]})") from None
+            raise common.DataError(f"{path}: cannot load a model "
+                                   f"({str(e).splitlines()[0][:160]})") from None
         # 1. one greedy generation per unique prompt
         gen_start = time.time()
         texts = common.generate_for_rows(model, tok, rows, max_new, batch_size=cfg.batch_size,
-                                         max_prompt_tokens=cfg.max_prompt_tokens, progress=f"generating ({name})")
+                                         max_prompt_tokens=cfg.max_prompt_tokens,
+                                         progress=f"generating ({name})")
         gen_seconds = time.time() - gen_start
         per_prompt = dict(zip((common.prompt_key(r["prompt"]) for r in rows), texts))
         tokens = [len(tok.encode(t, add_special_tokens=False)) for t in per_prompt.values()]
@@ -265,12 +277,13 @@ def compare_table(evals: list[dict]) -> str:
     for m in evals:
         cells = [m["model"], m["split"], str(m["rows"])]
         for metric in ("recall", "ndcg"):
-            cells += [pm(m, f"{metric}@{k}_filtered") if f"{metric}@{k}_filtered" in m else "–" for k in ks]
+            cells += [pm(m, f"{metric}@{k}_filtered") if f"{metric}@{k}_filtered" in m else "–"
+                      for k in ks]
         cells += [f"{m['in_catalog_rate']:.3f}", f"{m['valid_rate']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("Filtered protocol (the paper's): seen and out-of-catalog items removed before scoring. "
-            "Mean ± standard error clustered by conversation; the strict aligned protocol is in each "
-            "metrics.json.")
+    note = ("Filtered protocol (the paper's): seen and out-of-catalog items removed before "
+            "scoring. Mean ± standard error clustered by conversation; the strict aligned "
+            "protocol is in each metrics.json.")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
@@ -282,7 +295,8 @@ def paired_table(evals: list[dict], samples: list[list[dict]]) -> str:
     per_row = []  # per model: row id -> {metric@k: value}
     for rows in samples:
         per_row.append({s["id"]: {f"{name}@{k}": fn(s["hits_filtered"], len(s["groundtruth"]), k)
-                                  for k in ks for name, fn in (("R", common.recall_at_k), ("N", common.ndcg_at_k))}
+                                  for k in ks for name, fn in (("R", common.recall_at_k),
+                                                               ("N", common.ndcg_at_k))}
                         for s in rows if s["groundtruth"]})
     head = ["difference", "rows"] + [f"R@{k}" for k in ks] + [f"N@{k}" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -294,11 +308,13 @@ def paired_table(evals: list[dict], samples: list[list[dict]]) -> str:
             groups = [common.conversation_id({"id": r}) for r in ids]
             cells = [f"{evals[j]['model']} − {evals[i]['model']}", str(len(ids))]
             for key in [f"R@{k}" for k in ks] + [f"N@{k}" for k in ks]:
-                mean, se = common.mean_and_se([per_row[j][r][key] - per_row[i][r][key] for r in ids], groups)
-                cells.append(f"{mean:+.4f} ± {se:.4f} ({mean / se:+.1f} SE)" if se > 0 else f"{mean:+.4f}")
+                mean, se = common.mean_and_se([per_row[j][r][key] - per_row[i][r][key]
+                                               for r in ids], groups)
+                cells.append(f"{mean:+.4f} ± {se:.4f} ({mean / se:+.1f} SE)" if se > 0
+                             else f"{mean:+.4f}")
             lines.append("| " + " | ".join(cells) + " |")
-    return ("\n".join(lines) + "\n\nPaired differences on the rows both models scored (filtered protocol), "
-            "standard error clustered by conversation.\n")
+    return ("\n".join(lines) + "\n\nPaired differences on the rows both models scored (filtered "
+            "protocol), standard error clustered by conversation.\n")
 
 
 def save_png(fig, path: Path) -> None:
@@ -313,9 +329,11 @@ def plot_metrics_vs_k(evals: list[dict], path: Path) -> None:
     for ax, metric, label in zip(axes, ("ndcg", "recall"), ("NDCG@k", "Recall@k")):
         for m in evals:
             keys = [f"{metric}@{k}_filtered" for k in m["ks"]]
-            ax.errorbar(m["ks"], [m[key] for key in keys], yerr=[m.get(key + "_se") or 0 for key in keys],
+            ax.errorbar(m["ks"], [m[key] for key in keys],
+                        yerr=[m.get(key + "_se") or 0 for key in keys],
                         marker="o", capsize=3, label=m["model"])
-        ax.set(title=f"{label} (filtered protocol)", xlabel="k", xticks=sorted({k for m in evals for k in m["ks"]}))
+        ax.set(title=f"{label} (filtered protocol)", xlabel="k",
+               xticks=sorted({k for m in evals for k in m["ks"]}))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -330,7 +348,8 @@ def plot_per_rank(evals: list[dict], ranks: list[list[dict]], path: Path) -> Non
     for m, table in zip(evals, ranks):
         x = [int(r["rank"]) for r in table]
         line, = ax.plot(x, [r["hit_rate_filtered"] for r in table], marker="o", label=m["model"])
-        ax.plot(x, [r["hit_rate_aligned"] for r in table], ls="--", color=line.get_color(), alpha=0.6)
+        ax.plot(x, [r["hit_rate_aligned"] for r in table], ls="--", color=line.get_color(),
+                alpha=0.6)
     ax.set(title="hit rate per rank position (solid: filtered, dashed: aligned)", xlabel="rank",
            ylabel="fraction of rows with a hit")
     ax.set_ylim(bottom=0)
@@ -340,7 +359,8 @@ def plot_per_rank(evals: list[dict], ranks: list[list[dict]], path: Path) -> Non
     plt.close(fig)
 
 
-# Panels of a training plot: title, and the log keys drawn in it (a regex whose group names the line).
+# Panels of a training plot: title, and the log keys drawn in it (a regex whose group names the
+# line).
 PANELS = [
     ("training reward per rank (04)", re.compile(r"^reward@(\w+)$")),
     ("KL to the reference (04)", re.compile(r"^(kl)$")),
@@ -349,7 +369,7 @@ PANELS = [
     ("loss (03)", re.compile(r"^(loss|val_loss)$")),
     ("validation NDCG (greedy)", re.compile(r"^val_ndcg@(\w+)$")),
 ]
-STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # coinciding curves stay distinguishable
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # coinciding curves stay apart
 
 
 def training_series(log: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
@@ -389,13 +409,16 @@ def plot_training(name: str, log: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols + 1, 3.8 * rows), squeeze=False)
     for ax, title in zip(axes.flat, panels):
         # numeric line names in numeric order (ranks 1, 5, 10, 20), the others after them
-        names = sorted(series[title], key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+        names = sorted(series[title],
+                       key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
         for i, k in enumerate(names):
             steps, values = series[title][k]
             ls, marker = STYLES[i % len(STYLES)]
-            label = f"rank {k}" if k.isdigit() and "reward" in title else f"NDCG@{k}" if k.isdigit() else k
+            label = (f"rank {k}" if k.isdigit() and "reward" in title
+                     else f"NDCG@{k}" if k.isdigit() else k)
             if len(values) > 20 and not k.startswith("val"):
-                line, = ax.plot(steps, smooth(values, max(2, len(values) // 15)), ls=ls, label=label)
+                line, = ax.plot(steps, smooth(values, max(2, len(values) // 15)), ls=ls,
+                                label=label)
                 ax.plot(steps, values, color=line.get_color(), alpha=0.2)
             else:
                 ax.plot(steps, values, ls=ls, marker=marker, markersize=4, label=label, alpha=0.85)
@@ -457,10 +480,11 @@ def main(argv=None) -> None:
     # 2. the rows: the first --limit conversations of the split
     data = Path(cfg.data_dir)
     catalog = common.Catalog.load(data / "catalog.jsonl")
-    rows = common.first_conversations(common.read_rows(data / f"{cfg.split}.jsonl", "run 01_catalog.py first"),
-                                      cfg.limit)
+    rows = common.first_conversations(common.read_rows(data / f"{cfg.split}.jsonl",
+                                                       "run 01_catalog.py first"), cfg.limit)
     n = common.data_n(cfg.data_dir, cfg.n_items)
-    print(f"read {data}/{cfg.split}.jsonl: {len(rows)} rows, {len({common.prompt_key(r['prompt']) for r in rows})} unique prompts, "
+    print(f"read {data}/{cfg.split}.jsonl: {len(rows)} rows, "
+          f"{len({common.prompt_key(r['prompt']) for r in rows})} unique prompts, "
           f"N={n}; catalog {len(catalog)} items; models: {', '.join(names)}")
 
     # 3. evaluate each model, then compare them when there are several
