@@ -5,7 +5,7 @@ cross-entropy on the completion tokens only: the prompt is the condition, not a 
 learns the output format (N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py
 starts from the result and also uses it as the frozen KL reference.
 
-  python 03_sft.py                    # CPU demo: smollm2, 80 steps x 8 sequences, ~13 min
+  python 03_sft.py                    # CPU demo: smollm2, 110 steps x 8 sequences, ~19 min
   python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
   python 03_sft.py --resume           # continue from runs/sft/checkpoint, same flags
 
@@ -30,10 +30,10 @@ Deviations from the paper (which gives only lr, schedule, batch, max length and 
      the oldest turns go first) and loses the end of its completion, EOS included; the count is
      printed.
   3. AdamW with betas (0.9, 0.999) and no weight decay; warm-up = 5% of the steps rounded down, with
-     transformers' schedule (its first warm-up step has lr 0: one of the demo's 80 steps only
+     transformers' schedule (its first warm-up step has lr 0: one of the demo's 110 steps only
      measures the loss). The paper does not give these.
-  4. The CPU demo defaults (smollm2, 80 x 8 sequences, lr 5e-4, N = 10; chosen on validation,
-     docs/experiments.md) are a miniature: 0.4 epoch of the demo's 1,600 demonstrations. bf16
+  4. The CPU demo defaults (smollm2, 110 x 8 sequences, lr 5e-4, N = 10; chosen on validation,
+     docs/experiments.md) are a miniature: 0.55 epoch of the demo's 1,600 demonstrations. bf16
      autocast runs where bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX), fp32 elsewhere.
   5. Rows of one conversation share their prompt and demonstration (they differ only in ground
      truth, which SFT does not use), so each distinct (prompt, demonstration) pair is trained on
@@ -68,12 +68,12 @@ class Config:
     bf16: bool = arg(True, "bf16 autocast (fp32 master weights) where bf16 is native: CUDA, CPUs "
                            "with AVX512-BF16 or AMX; --no-bf16: fp32")
     limit: int = arg(0, "use only the first LIMIT training rows (0: all)", within="[0, inf)")
-    steps: int = arg(80, "optimizer steps (the paper: 1,500)", within="[1, inf)")
+    steps: int = arg(110, "optimizer steps (the paper: 1,500)", within="[1, inf)")
     batch_size: int = arg(8, "sequences per optimizer step (the paper's effective batch: 384)",
                           within="[1, inf)")
     micro_batch_size: int = arg(8, "sequences per forward/backward pass; changes memory, not the "
                                 "math", within="[1, inf)")
-    lr: float = arg(5e-4, "peak learning rate of AdamW (the paper: 5e-5; the 80-step CPU demo "
+    lr: float = arg(5e-4, "peak learning rate of AdamW (the paper: 5e-5; the 110-step CPU demo "
                     "needs more)", within="(0, inf)")
     warmup_frac: float = arg(0.05, "fraction of the steps with linear warm-up, then cosine decay "
                              "to 0", within="[0, 1)")
@@ -86,7 +86,7 @@ class Config:
                                  within="[1, inf)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more "
                                    "time")
-    eval_every: int = arg(40, "validation every this many steps, and at the last step (0: never)",
+    eval_every: int = arg(55, "validation every this many steps, and at the last step (0: never)",
                           within="[0, inf)")
     val_limit: int = arg(16, "validation rows for the validation loss", within="[1, inf)")
     eval_gen: int = arg(8, "greedy generation on this many validation conversations (0: off)",
@@ -95,7 +95,7 @@ class Config:
                                within="[1, inf)")
     max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT "
                               "completion", within="[0, inf)")
-    save_every: int = arg(40, "write <out>/checkpoint every this many steps (0: never)",
+    save_every: int = arg(55, "write <out>/checkpoint every this many steps (0: never)",
                           within="[0, inf)")
     resume: bool = arg(False, "continue exactly from <out>/checkpoint (use the same flags)")
     overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is "

@@ -162,11 +162,11 @@ def test_first_conversations_keeps_whole_conversations_in_file_order():
 
 # --- models: names, run directories, errors -------------------------------------------------------
 
-def test_default_models_are_popularity_smollm2_and_the_finished_runs(tmp_path):
+def test_default_models_are_popularity_and_the_finished_runs(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "config.json").write_text("{}")
     (tmp_path / "grpo").mkdir()  # a run without a saved model yet
-    assert ev.default_models(str(tmp_path)) == ["popularity", "smollm2", str(tmp_path / "sft")]
+    assert ev.default_models(str(tmp_path)) == ["popularity", str(tmp_path / "sft")]
 
 
 def test_resolve_model_names():
