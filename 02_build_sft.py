@@ -686,22 +686,6 @@ def request_key(model: str, messages: list[dict], sampling: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def repair_torn_tail(path: Path) -> None:
-    """After a crash mid-append the file may end without a newline: keep that last line if it is
-    whole JSON, drop it if it is torn, so the next append starts on a line of its own."""
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    try:
-        json.loads(data[cut:])
-    except ValueError:
-        os.truncate(path, cut)
-        return
-    with open(path, "ab") as f:
-        f.write(b"\n")
-
-
 def lock_cache(cache_path: Path) -> IO[str]:
     """An exclusive lock on the cache (flock on a sidecar <cache>.lock), waited for when another
     run holds it: two runs on one cache would otherwise both pay for every request. Returns the open
@@ -735,7 +719,10 @@ class Teacher:
             if self.cache_path.exists():
                 rows = common.read_jsonl(self.cache_path, skip_torn_tail=True)
                 self.cache = {r["key"]: r["reply"] for r in rows if "key" in r and "reply" in r}
-                repair_torn_tail(self.cache_path)
+                # After a crash mid-append: rewrite with whole lines only (a torn last line
+                # dropped, a whole one kept), so the next append starts on a line of its own.
+                if not self.cache_path.read_bytes().endswith(b"\n"):
+                    common.write_jsonl(self.cache_path, rows)
         except BaseException:  # e.g. a corrupt cache: no Teacher, so no lock either
             self.close()
             raise
