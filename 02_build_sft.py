@@ -427,7 +427,7 @@ def step_metrics(texts: list[str], convs: list[dict], cat: common.Catalog,
 
 def teacher_stats(replies: list[str], cat: common.Catalog) -> dict[str, float]:
     """Of the teacher's non-empty lines: the share in 'Title (Year)' form; of those, in C."""
-    items = [common.parse_line(x) for r in replies for x in r.split("\n") if x.strip()]
+    items = [common.parse_line(x) for r in replies for x in common.split_lines(r) if x.strip()]
     valid = [it for it in items if it is not None]
     in_cat = sum(cat.find(*it) is not None for it in valid)
     return {"lines": len(items), "valid_rate": len(valid) / max(1, len(items)),

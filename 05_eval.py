@@ -115,9 +115,8 @@ def resolve_model(spec: str) -> tuple[str, str]:
 
 def default_models(runs_dir: str) -> list[str]:
     """The popularity list and every finished run of 03/04, so a bare `python 05_eval.py` after
-    the other stages compares the floor, SFT and RL. Zero-shot SmolLM2 (Recall 0 in the demo:
-    its lines are not catalog titles) is left to `--models smollm2`; its 4 CPU minutes went to
-    SFT steps."""
+    the other stages compares the floor, SFT and RL. Zero-shot SmolLM2 (Recall 0 in the CPU demo:
+    its lines are not catalog titles) runs with `--models smollm2`."""
     found = [str(Path(runs_dir) / name) for name in RUNS
              if (Path(runs_dir) / name / "config.json").is_file()]
     return ["popularity", *found]
