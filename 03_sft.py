@@ -7,7 +7,7 @@ starts from the result and also uses it as the frozen KL reference.
 
   python 03_sft.py                    # CPU demo: smollm2, 110 steps x 8 sequences, ~19 min
   python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
-  python 03_sft.py --resume           # continue from runs/sft/checkpoint, same flags
+  python 03_sft.py --resume           # continue from runs/sft/ckpt.pt, same flags
 
 The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; one GPU, bf16 autocast, fp32
 master weights; 1,500 steps x 384 sequences = 576,000 sequences, about 6 passes over the rows):
@@ -17,7 +17,7 @@ master weights; 1,500 steps x 384 sequences = 576,000 sequences, about 6 passes 
       --grad-checkpointing --eval-every 100 --val-limit 1024 --eval-gen 256 --save-every 100
 
 Reads <data-dir>/sft_train.jsonl, sft_val.jsonl (02) and, with --eval-gen, catalog.jsonl (01).
-Writes <out>/: the model and tokenizer (save_pretrained), run_config.json, log.jsonl, checkpoint/.
+Writes <out>/: the model and tokenizer (save_pretrained), run_config.json, log.jsonl, ckpt.pt.
 
 Each optimizer step: --batch-size sequences; the loss is the sum of the completion tokens' negative
 log-likelihood divided by the number of completion tokens of the whole step, so the gradient does
@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 import transformers
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import common
@@ -58,7 +60,7 @@ from common import arg
 @dataclass
 class Config:
     data_dir: str = arg("data", "where sft_{train,val}.jsonl (02) and catalog.jsonl (01) are")
-    out: str = arg("runs/sft", "run directory: the model, run_config.json, log.jsonl, checkpoint/")
+    out: str = arg("runs/sft", "run directory: the model, run_config.json, log.jsonl, ckpt.pt")
     model: str = arg("smollm2", "start model: smollm2, tiny, an HF directory or a hub id")
     trust_remote_code: bool = arg(False, "let transformers run code shipped with a hub model")
     n_items: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote",
@@ -95,9 +97,9 @@ class Config:
                                within="[1, inf)")
     max_new_tokens: int = arg(0, "generation length for --eval-gen; 0: 1.5x the longest SFT "
                               "completion", within="[0, inf)")
-    save_every: int = arg(55, "write <out>/checkpoint every this many steps (0: never)",
+    save_every: int = arg(55, "write <out>/ckpt.pt every this many steps (0: never)",
                           within="[0, inf)")
-    resume: bool = arg(False, "continue exactly from <out>/checkpoint (use the same flags)")
+    resume: bool = arg(False, "continue exactly from <out>/ckpt.pt (use the same flags)")
     overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is "
                           "kept)")
 
@@ -108,9 +110,7 @@ TRAJECTORY = ("model", "seed", "limit", "steps", "batch_size", "lr", "warmup_fra
               "max_grad_norm", "max_len", "max_prompt_tokens")
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Examples: the prompt x and the demonstration y of Eq. 2, as token ids
-# ------------------------------------------------------------------------------------------------
+# --- 1. Examples: the prompt x and the demonstration y of Eq. 2, as token ids ---------------------
 
 @dataclass
 class Example:
@@ -138,23 +138,39 @@ def encode_examples(tok, rows: list[dict], max_prompt_tokens: int,
     return examples, n_cut
 
 
-def collate(examples: list[Example], pad_id: int) -> common.Batch:
-    """Left-padded prompts and right-padded completions (common.make_batch); the completion mask
-    is 1 on every completion token, EOS included, from lengths (pad == EOS here)."""
-    return common.make_batch([e.prompt for e in examples], [e.completion for e in examples], pad_id)
+def collate(examples: list[Example],
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, attention mask [B, L]: prompt + completion, right-padded; predicts [B, L]: True at the
+    positions whose next token is a completion token (EOS included). All from lengths, never from
+    the pad id: pad may be EOS, a completion token the model must learn."""
+    L = max(len(e.prompt) + len(e.completion) for e in examples)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    predicts = torch.zeros_like(ids, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.prompt) + len(e.completion)
+        ids[i, :n], attn[i, :n] = torch.tensor(e.prompt + e.completion, dtype=torch.long), 1
+        predicts[i, len(e.prompt) - 1:n - 1] = True
+    return ids, attn, predicts
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. The loss, Eq. 2: -sum_t log pi(y_t | x, y_<t) over the completion tokens only
-# ------------------------------------------------------------------------------------------------
+# --- 2. The loss, Eq. 2: -sum_t log pi(y_t | x, y_<t) over the completion tokens only -------------
 
-def completion_nll(logp_tok: torch.Tensor, comp_mask: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood of completion tokens. logp_tok, comp_mask [B, T] -> scalar.
+def completion_nll(model, ids: torch.Tensor, attn: torch.Tensor, predicts: torch.Tensor,
+                   chunk: int = 1024) -> torch.Tensor:
+    """Summed negative log-likelihood of the completion tokens (a scalar; the caller divides by the
+    step's completion tokens). Only the positions that predict a completion token go through the
+    output layer, `chunk` at a time and recomputed in backward (activation checkpointing), so no
+    [tokens, V] logits are kept for backward: with a 150k vocabulary they would outweigh the
+    model."""
+    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
+    h, y = hidden[:, :-1][predicts[:, :-1]], ids[:, 1:][predicts[:, :-1]]  # [n, H], [n]
+    head = model.get_output_embeddings()
 
-    Prompt positions never enter (logp_tok holds completion positions only); padding is masked. The
-    caller divides by the number of completion tokens of the whole optimizer step.
-    """
-    return -torch.where(comp_mask.bool(), logp_tok, torch.zeros_like(logp_tok)).sum()
+    def nll(h, y):
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+    return sum(checkpoint(nll, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
+               for s in range(0, len(y), chunk))
 
 
 def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad_id: int,
@@ -173,18 +189,15 @@ def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad
     batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.completion))
     total = torch.zeros((), device=device)
     for s in range(0, len(batch), micro_batch_size):
-        b = collate(batch[s:s + micro_batch_size], pad_id).to(device)
+        ids, attn, predicts = (t.to(device) for t in collate(batch[s:s + micro_batch_size], pad_id))
         with common.autocast(device, amp):
-            logp_tok = common.completion_logprobs(model, b, share_prompts=False)  # [b, T], fp32
-        nll = completion_nll(logp_tok, b.completion_mask)
+            nll = completion_nll(model, ids, attn, predicts)
         (nll / n_comp).backward()
         total += nll.detach()
     return total, sum(len(e.completion) for e in batch), n_all
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. Data order: a seeded shuffle per epoch; the position (epoch, pos) is all a resume needs
-# ------------------------------------------------------------------------------------------------
+# --- 3. Data order: a seeded shuffle per epoch; the position (epoch, pos) is all a resume needs ---
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -204,15 +217,14 @@ def next_batch(n_rows: int, batch_size: int, seed: int, epoch: int,
     return out, epoch, pos
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Validation: loss on held-out demonstrations; greedy lists scored like 05_eval.py
-# ------------------------------------------------------------------------------------------------
+# --- 4. Validation: loss on held-out demonstrations; greedy lists scored like 05_eval.py ----------
 
 def generation_metrics(texts: list[str], rows: list[dict], catalog: common.Catalog, n: int) -> dict:
     """Recall@k / NDCG@k (filtered protocol, k = min(10, N)), in-catalog and valid-format rates of
     greedy lists (one per conversation, scored against each of its rows)."""
     k = min(10, n)
-    _, s = common.score_texts(texts, rows, catalog, n, ks=(k,))
+    s = common.summarize([common.score_completion(t, r, catalog, n, ks=(k,))
+                          for t, r in zip(texts, rows)], rows)
     return {f"val_recall@{k}": s[f"recall@{k}_filtered"], f"val_ndcg@{k}": s[f"ndcg@{k}_filtered"],
             "val_in_catalog": s["in_catalog_rate"], "val_valid": s["valid_rate"]}
 
@@ -226,13 +238,95 @@ def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int
     model.eval()
     total, n_tok = 0.0, 0
     for s in tqdm(range(0, len(examples), batch_size), desc="val loss", leave=False):
-        b = collate(examples[s:s + batch_size], pad_id).to(device)
+        ids, attn, predicts = (t.to(device) for t in collate(examples[s:s + batch_size], pad_id))
         with common.autocast(device, amp):
-            logp_tok = common.completion_logprobs(model, b, share_prompts=False)
-        total += completion_nll(logp_tok, b.completion_mask).item()
-        n_tok += int(b.completion_mask.sum())
+            total += completion_nll(model, ids, attn, predicts).item()
+        n_tok += int(predicts.sum())
     model.train(was_training)
     return total / n_tok
+
+
+def validate(model, tok, val: list[Example], gen_rows: list[dict], catalog, cfg: Config,
+             amp: bool, max_new: int) -> dict:
+    """The validation record: loss on held-out demonstrations and, with --eval-gen, greedy lists
+    scored like 05_eval.py (one printed)."""
+    record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size, tok.pad_token_id, amp)}
+    if gen_rows:
+        texts = common.generate(model, tok, [r["prompt"] for r in gen_rows], max_new,
+                                batch_size=cfg.eval_batch_size,
+                                max_prompt_tokens=cfg.max_prompt_tokens, progress="val generate")
+        record.update(generation_metrics(texts, gen_rows, catalog, cfg.n_items))
+        print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n_items))
+    return record
+
+
+# --- 5. The run: data, model, then one optimizer step at a time -----------------------------------
+
+def check_demonstration(row: dict, where: str) -> None:
+    """An SFT row needs one assistant message of 'Title (Year)' lines (a DataError names where)."""
+    comp = row.get("completion")
+    if not isinstance(comp, list) or not comp or not isinstance(comp[-1].get("content"), str):
+        raise common.DataError(f"{where}: 'completion' must be a list with one assistant message")
+    bad = [x for x in common.split_lines(comp[-1]["content"].strip())
+           if common.parse_line(x) is None]
+    if bad:
+        raise common.DataError(f"{where}: the completion must be one 'Title (Year)' per line, "
+                               f"not {bad[0][:60]!r}")
+
+
+def read_demonstrations(cfg: Config, data: Path) -> tuple[list[dict], list[dict]]:
+    """The train and val rows of 02; the rows of one conversation differ only in their ground
+    truth, which SFT does not use: each distinct (prompt, demonstration) is one training example."""
+    hint = "run 02_build_sft.py first"
+    train = common.read_rows(data / "sft_train.jsonl", hint, check_demonstration)
+    val = common.read_rows(data / "sft_val.jsonl", hint, check_demonstration)
+    train = list({common.prompt_key(r["prompt"] + r["completion"]): r for r in train}.values())
+    return train[:cfg.limit] if cfg.limit else train, val
+
+
+def encode_all(tok, train_rows: list[dict], val_rows: list[dict],
+               cfg: Config) -> tuple[list[Example], list[Example]]:
+    """The training and validation examples as token ids (the cut ones counted and printed)."""
+    train, n_cut = encode_examples(tok, train_rows, cfg.max_prompt_tokens, cfg.max_len)
+    val, _ = encode_examples(tok, val_rows[:cfg.val_limit], cfg.max_prompt_tokens, cfg.max_len)
+    mean_len = sum(len(e.prompt) + len(e.completion) for e in train) / len(train)
+    print(f"training sequences: {mean_len:.0f} tokens on average"
+          + (f"; {n_cut} longer than --max-len {cfg.max_len}: their completions were cut (no EOS)"
+             if n_cut else ""))
+    return train, val
+
+
+def train_step(model, optimizer, scheduler, batch: list[Example], n_comp: int, cfg: Config,
+               pad_id: int, amp: bool, step: int) -> tuple[float, float, int]:
+    """One optimizer step: accumulate over micro-batches, sum over processes, clip, step. Returns
+    (summed NLL, gradient norm, real tokens), the first and last summed over processes."""
+    device = next(model.parameters()).device
+    nll, _, n_all = accumulate_gradients(model, batch, cfg.micro_batch_size, pad_id, amp, n_comp)
+    common.all_reduce_grads(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    if not (torch.isfinite(grad_norm) and torch.isfinite(nll)):  # never step into NaN weights
+        raise common.DataError(f"step {step}: the loss ({nll.item()}) or gradient norm "
+                               f"({grad_norm.item()}) is not finite; the model was not updated")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    nll, n_all = common.all_sum([nll.item(), n_all], device)
+    return nll, grad_norm.item(), n_all
+
+
+def make_optimizer(cfg: Config, model, out: Path):
+    """AdamW, linear warm-up then cosine decay (paper: 5% warm-up), and the run's position: a fresh
+    start, or with --resume what <out>/ckpt.pt holds."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = transformers.get_cosine_schedule_with_warmup(
+        optimizer, int(cfg.warmup_frac * cfg.steps), cfg.steps)
+    state = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0}
+    if cfg.resume:
+        state = common.load_checkpoint(out, model, optimizer, scheduler)
+        print(f"resumed from {out}/ckpt.pt at step {state['step']} (epoch {state['epoch']}, "
+              f"row {state['pos']})")
+    return optimizer, scheduler, state
 
 
 def main(argv=None) -> None:
@@ -242,68 +336,40 @@ def main(argv=None) -> None:
         raise common.DataError(f"--max-prompt-tokens {cfg.max_prompt_tokens} leaves no room for a "
                                f"completion in --max-len {cfg.max_len}")
 
-    # 1. Read the demonstrations (and the catalog, to score generated lists).
-    hint = "run 02_build_sft.py first"
-    train_rows = common.read_rows(data / "sft_train.jsonl", hint, need_completion=True)
-    val_rows = common.read_rows(data / "sft_val.jsonl", hint, need_completion=True)
-    # The rows of one conversation differ only in their ground truth, which SFT does not use: each
-    # distinct (prompt, demonstration) pair is one training example.
-    train_rows = list({common.prompt_key(r["prompt"] + r["completion"]): r
-                       for r in train_rows}.values())
-    if cfg.limit:
-        train_rows = train_rows[:cfg.limit]
+    # 1. The demonstrations (and the catalog, to score generated lists). Several processes
+    # (torchrun): each takes every world-th sequence of a step; rank 0 logs and saves.
+    train_rows, val_rows = read_demonstrations(cfg, data)
     catalog = common.Catalog.load(data / "catalog.jsonl") if cfg.eval_gen else None
     cfg.n_items = common.data_n(data, cfg.n_items)
-    # Several processes (torchrun): each takes every world-th sequence of a step; rank 0 logs and
-    # saves.
     rank, world, device = common.setup_distributed(cfg.cpu)
-    main_process = rank == 0
     if cfg.batch_size % world:
         raise common.DataError(f"--batch-size {cfg.batch_size} is not divisible by {world} "
                                "processes")
-    if main_process:
+    if rank == 0:
         print(f"read {len(train_rows)} distinct training examples and {len(val_rows)} validation "
               f"rows from {data}")
 
     # 2. Device, model, tokens. Weights stay fp32 (the master copy); bf16 only inside autocast.
-    common.seed_everything(cfg.seed)
+    transformers.set_seed(cfg.seed)
     amp = cfg.bf16 and common.bf16_native(device)
     model, tok = common.load_model(cfg.model, device=device,
                                    trust_remote_code=cfg.trust_remote_code)
-    if main_process:  # only now that everything it needs has loaded: a failure above writes nothing
+    if rank == 0:  # only now that everything it needs has loaded: a failure above writes nothing
         common.start_run(out, cfg, cfg.resume, TRAJECTORY, cfg.overwrite)
     common.barrier()
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(model)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    on_off = {True: "on", False: "off"}
-    print(f"model {cfg.model}: {n_params / 1e6:.1f}M parameters | device {device} x {world} | "
-          f"weights fp32 | bf16 autocast {on_off[amp]} | "
-          f"gradient checkpointing {on_off[cfg.grad_checkpointing]}")
-    train, n_cut = encode_examples(tok, train_rows, cfg.max_prompt_tokens, cfg.max_len)
-    val, _ = encode_examples(tok, val_rows[:cfg.val_limit], cfg.max_prompt_tokens, cfg.max_len)
-    mean_len = sum(len(e.prompt) + len(e.completion) for e in train) / len(train)
-    print(f"training sequences: {mean_len:.0f} tokens on average"
-          + (f"; {n_cut} longer than --max-len {cfg.max_len}: their completions were cut (no EOS)"
-             if n_cut else ""))
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters | device {device} x {world} | weights fp32 | bf16 autocast "
+          f"{'on' if amp else 'off'} | gradient checkpointing "
+          f"{'on' if cfg.grad_checkpointing else 'off'}")
+    train, val = encode_all(tok, train_rows, val_rows, cfg)
     gen_rows = common.first_conversations(val_rows, cfg.eval_gen) if cfg.eval_gen else []
     max_new = cfg.max_new_tokens or int(1.5 * max(len(e.completion) for e in train))
 
-    # 3. Optimizer and schedule: AdamW, linear warm-up then cosine decay (paper: 5% warm-up).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = transformers.get_cosine_schedule_with_warmup(optimizer,
-                                                             int(cfg.warmup_frac * cfg.steps),
-                                                             cfg.steps)
-    state = {"step": 0, "epoch": 0, "pos": 0, "elapsed": 0.0}
-    if cfg.resume:
-        state = common.load_checkpoint(out, model, optimizer, scheduler)
-        print(f"resumed from {out}/checkpoint at step {state['step']} (epoch {state['epoch']}, "
-              f"row {state['pos']})")
-    log = common.StepLog(out / "log.jsonl", cfg.steps, show=SHOW,
-                         resume_step=state["step"] if cfg.resume else None) \
-        if main_process else None
+    # 3. Optimizer, schedule and where the run stands (step 0, or the checkpoint's).
+    optimizer, scheduler, state = make_optimizer(cfg, model, out)
     print(f"{cfg.steps} steps x {cfg.batch_size} sequences = "
           f"{cfg.steps * cfg.batch_size / len(train):.2f} epochs of {len(train)} rows; "
           f"writing {out}/")
@@ -316,46 +382,29 @@ def main(argv=None) -> None:
                                                        state["epoch"], state["pos"])
         lr = scheduler.get_last_lr()[0]
         n_comp = sum(len(train[i].completion) for i in idx)  # every process knows the whole batch
-        nll, _, n_all = accumulate_gradients(model, [train[i] for i in idx[rank::world]],
-                                             cfg.micro_batch_size, tok.pad_token_id, amp, n_comp)
-        common.all_reduce_grads(model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.max_grad_norm or math.inf)
-        if not (torch.isfinite(grad_norm) and torch.isfinite(nll)):  # never step into NaN weights
-            raise common.DataError(f"step {step}: the loss ({nll.item()}) or gradient norm "
-                                   f"({grad_norm.item()}) is not finite; the model was not updated")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        nll, grad_norm, n_all = train_step(model, optimizer, scheduler,
+                                           [train[i] for i in idx[rank::world]], n_comp, cfg,
+                                           tok.pad_token_id, amp, step)
         state["step"], state["elapsed"] = step, time.time() - start
-        nll, n_all = common.all_sum([nll.item(), n_all], device)
-        if main_process:
-            log.log(step, {"loss": nll / n_comp, "lr": lr, "grad_norm": grad_norm.item(),
-                           "tok/s": n_all / (time.time() - t0),
-                           "epoch": state["epoch"] + state["pos"] / len(train),
-                           "elapsed": state["elapsed"]})
-
-        if main_process and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size,
-                                                  tok.pad_token_id, amp)}
-            if gen_rows:
-                texts = common.generate_for_rows(model, tok, gen_rows, max_new,
-                                                 batch_size=cfg.eval_batch_size,
-                                                 max_prompt_tokens=cfg.max_prompt_tokens,
-                                                 progress="val generate")
-                record.update(generation_metrics(texts, gen_rows, catalog, cfg.n_items))
-                print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n_items))
-            log.log(step, record)
+        if rank == 0:
+            record = {"loss": nll / n_comp, "lr": lr, "grad_norm": grad_norm,
+                      "tok/s": n_all / (time.time() - t0),
+                      "epoch": state["epoch"] + state["pos"] / len(train),
+                      "elapsed": state["elapsed"]}
+            common.log_step(out, step, cfg.steps, record, SHOW)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                record = validate(model, tok, val, gen_rows, catalog, cfg, amp, max_new)
+                common.log_step(out, step, cfg.steps, record, SHOW)
         if cfg.save_every and step % cfg.save_every == 0:
             state["elapsed"] = time.time() - start
-            common.save_checkpoint(out, model, tok, optimizer, scheduler, state)
+            common.save_checkpoint(out, model, optimizer, scheduler, state)
         common.barrier()
 
     # 5. The final model, where 04_rank_grpo.py and 05_eval.py load it from.
-    if main_process:
+    if rank == 0:
         common.save_model(model, tok, out)
         print(f"wrote {out}/ (model, tokenizer, run_config.json, log.jsonl"
-              + (", checkpoint/)" if (out / "checkpoint").exists() else ")"))
+              + (", ckpt.pt)" if (out / "ckpt.pt").exists() else ")"))
     common.barrier()
 
 

@@ -11,7 +11,7 @@ importance ratio (the geometric mean of the item's token ratios, clipped).
   python 04_rank_grpo.py --model runs/sft --prompts-per-step 48 --group-size 8 --lr 1e-6 \\
       --steps 1600 --max-new-tokens 1024 --micro-batch-size 16   # the paper's setting, one GPU
 
-Writes <out>/ (the policy as an HF directory), run_config.json, log.jsonl, checkpoint/.
+Writes <out>/ (the policy as an HF directory), run_config.json, log.jsonl, ckpt.pt.
 
 One step (`rl_step`), as in the paper's algorithm box:
   1. sample G lists per prompt from pi_old (the current policy), from the full softmax
@@ -29,13 +29,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from torch.nn.utils.rnn import pad_sequence
+from transformers import Cache, DynamicCache, DynamicLayer
 
 import common
 from common import arg
+
+# transformers 5.24 renamed the argument `past_key_values` to `cache`; the old name works up to 5.40
+# and is the one every supported version understands.
+warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
+                        category=FutureWarning)
 
 # (ratio level, reward, eps_low, eps_high) of each algorithm, as the paper runs them
 ALGOS = {
@@ -102,7 +111,7 @@ class Config:
     sample_every: int = arg(6, "print one real sample every this many steps (0: never)",
                             within="[0, inf)")
     save_every: int = arg(6, "checkpoint every this many steps (and at the end)", within="[1, inf)")
-    resume: bool = arg(False, "continue from <out>/checkpoint")
+    resume: bool = arg(False, "continue from <out>/ckpt.pt")
     overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is "
                           "kept)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory, shares "
@@ -111,8 +120,6 @@ class Config:
                            "passes, where bf16 is native (CUDA; CPUs with AVX512-BF16 or AMX)")
     seed: int = arg(0, "seed for prompt order and sampling")
     cpu: bool = arg(False, "use the CPU even when CUDA is present")
-    compile: bool = arg(False, "decode with a static KV cache and a compiled step (pays off on "
-                        "CUDA)")
     benchmark: str = arg("", "time full steps on a random model of this architecture (appendix)",
                          choices=["", "qwen2.5-0.5b", "smollm2-135m", "tiny"])
     benchmark_steps: int = arg(3, "timed benchmark steps (after one warm-up step)",
@@ -120,9 +127,7 @@ class Config:
     benchmark_prompt_tokens: int = arg(384, "prompt length in the benchmark", within="[1, inf)")
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Ranks: which item every token belongs to (section 2.3.1)
-# ------------------------------------------------------------------------------------------------
+# --- 1. Ranks: which item every token belongs to (section 2.3.1) ----------------------------------
 
 def newline_table(tok, vocab_size: int) -> torch.Tensor:
     """[V] how many '\\n' each token's text contains. Built once: segmentation is then a cumsum."""
@@ -141,9 +146,7 @@ def segment_ranks(nl_tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), rank_of_tok, torch.full_like(rank_of_tok, -1))
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Rewards per rank (Eq. 8-9) and advantages per rank (Eq. 6)
-# ------------------------------------------------------------------------------------------------
+# --- 2. Rewards per rank (Eq. 8-9) and advantages per rank (Eq. 6) --------------------------------
 
 def rank_relevance(texts: list[str], rows: list[dict], catalog: common.Catalog,
                    n: int) -> torch.Tensor:
@@ -180,9 +183,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return adv.view_as(rewards)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. The length rules (App. C, amended): every token's advantage and ratio unit
-# ------------------------------------------------------------------------------------------------
+# --- 3. The length rules (App. C, amended): every token's advantage and ratio unit ----------------
 
 def length_rules(adv_rank: torch.Tensor, nl_tok: torch.Tensor, eos_tok: torch.Tensor,
                  mask: torch.Tensor, n: int, eps_u: float, eps_o: float, eps_n: float):
@@ -222,9 +223,7 @@ def ratio_units(unit_of_tok: torch.Tensor, level: str) -> torch.Tensor:
     return torch.arange(unit_of_tok.shape[1], device=unit_of_tok.device).expand_as(unit_of_tok)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. The loss (Eq. 6, 7, 16): tensors in, tensors out; copy these three functions
-# ------------------------------------------------------------------------------------------------
+# --- 4. The loss (Eq. 6, 7, 16): tensors in, tensors out; copy these three functions --------------
 
 def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(lref - l) - (lref - l) - 1 >= 0."""
@@ -277,9 +276,99 @@ def rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask, *, eps_low: float,
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. Rollouts: sampling G lists per prompt, and the micro-batches that train on them
-# ------------------------------------------------------------------------------------------------
+# --- 5. Rollouts: G lists per prompt sampled from pi_old, token by token, from the full softmax ---
+
+class BufferCache(Cache):
+    """The KV cache of sampling: each layer writes into buffers allocated once for the whole
+    completion and hands attention a view of the filled part (transformers' DynamicCache
+    concatenates, copying the whole cache at every token). select(rows) keeps, or repeats, rows."""
+
+    class Layer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def update(self, k, v, *args, **kwargs):
+            if not self.is_initialized:  # [B, heads, capacity, head_dim]
+                self.is_initialized = True
+                self.k_buf = k.new_empty(k.shape[0], k.shape[1], self.capacity, k.shape[3])
+                self.v_buf = v.new_empty(v.shape[0], v.shape[1], self.capacity, v.shape[3])
+            self.k_buf[:, :, self.length:self.length + k.shape[2]] = k
+            self.v_buf[:, :, self.length:self.length + k.shape[2]] = v
+            self.length += k.shape[2]
+            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    def __init__(self, model, capacity: int):
+        n_layers = model.config.num_hidden_layers
+        super().__init__(layers=[self.Layer(capacity) for _ in range(n_layers)])
+
+    def select(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.k_buf, layer.v_buf = layer.k_buf[rows], layer.v_buf[rows]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) [B, L] of left-padded id lists."""
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True,
+                       padding_value=pad_id, padding_side="left")
+    return ids, pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs],
+                             batch_first=True, padding_side="left")
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """One token per row of [B, V] logits from softmax(logits / T), by inverting the CDF (summed in
+    float64) with one uniform number per row; torch.multinomial draws V of them on a CPU."""
+    probs = torch.softmax(logits / temperature if temperature != 1 else logits, dim=-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+@torch.inference_mode()
+def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+           eos_ids: list[int], pad_id: int, temperature: float = 1.0) -> list[list[int]]:
+    """G completions per prompt (adjacent), each up to and including its first EOS, drawn token by
+    token from softmax(logits / temperature) over the whole vocabulary: nothing is truncated, so
+    samples come from pi itself. Each prompt runs once and its keys/values are repeated for its G
+    samples; a finished sample leaves the batch."""
+    device = next(model.parameters()).device
+    ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))
+    cache = BufferCache(model, ids.shape[1] + max_new_tokens)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(group_size)  # [B]
+    logits, attn, pos = out.logits[:, -1].float()[rows], attn[rows], pos[rows, -1]
+    cache.select(rows)
+    eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
+    tokens = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
+    length = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=device)
+    alive = torch.arange(len(rows), device=device)  # which samples the batch still holds
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        nxt = sample_token(logits, temperature)  # [b]
+        done = torch.isin(nxt, eos) & ~finished
+        tokens[alive, t] = torch.where(finished, pad_id, nxt)
+        length[alive[done]] = t + 1
+        finished |= done
+        n_finished = int(finished.sum())  # the loop's one host sync per token
+        if t == max_new_tokens - 1 or n_finished == len(finished):
+            break
+        pos = pos + 1
+        if n_finished:  # finished samples leave the batch, and the cache
+            keep = (~finished).nonzero().squeeze(1)
+            alive, nxt, attn, pos = alive[keep], nxt[keep], attn[keep], pos[keep]
+            finished = finished[keep]
+            cache.select(keep)
+        attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
+        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+    return [row[:n] for row, n in zip(tokens.cpu().tolist(), length.cpu().tolist())]
+
 
 @dataclass
 class Rollouts:
@@ -291,17 +380,17 @@ class Rollouts:
     rows: list[dict]
 
 
-def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict], cfg: Config,
-                    eos_ids: list[int]) -> Rollouts:
-    """G samples per prompt from the current policy (= pi_old), decoded in batches of about
-    --gen-batch-size sequences; the prompt of a group is run once."""
+def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict],
+                    cfg: Config) -> Rollouts:
+    """G samples per prompt from the current policy (= pi_old), in batches of about
+    --gen-batch-size sequences."""
+    eos_ids = common.eos_token_ids(tok, model)
     per_call = max(1, cfg.gen_batch_size // cfg.group_size)  # prompts per decoding batch
     model.eval()
     completions = []
     for s in range(0, len(prompts), per_call):
-        completions += common.decode(model, prompts[s:s + per_call], cfg.max_new_tokens, eos_ids,
-                                     tok.pad_token_id, temperature=cfg.temperature,
-                                     repeats=cfg.group_size, compile=cfg.compile)
+        completions += sample(model, prompts[s:s + per_call], cfg.group_size, cfg.max_new_tokens,
+                              eos_ids, tok.pad_token_id, cfg.temperature)
     model.train()
     has_eos = [bool(c) and c[-1] in eos_ids for c in completions]
     texts = [tok.decode(c[:-1] if e else c) for c, e in zip(completions, has_eos)]
@@ -310,15 +399,112 @@ def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict], cfg:
                     [r for r in rows for _ in range(G)])
 
 
+# --- 6. Log-probs of the sampled tokens: each prompt run once, the vocabulary projection in chunks 
+
+@dataclass
+class Batch:
+    """Prompt + completion sequences with each distinct prompt stored once: prompt_ids, prompt_mask
+    [U, P] (left-padded), prompt_of [B] (each sequence's prompt row), completion_ids,
+    completion_mask [B, T] (right-padded)."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_of: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in astuple(self)))
+
+
+def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
+    """A Batch of (prompt, completion) id lists; masks from lengths, never from the pad id (pad may
+    be EOS, a completion token the model must learn and be scored on)."""
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    row = {p: i for i, p in enumerate(distinct)}
+    prompt_ids, prompt_mask = left_pad([list(p) for p in distinct], pad_id)
+    T = max(1, max(len(c) for c in completions))
+    comp = torch.full((len(completions), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), T), dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp[i, :len(c)], mask[i, :len(c)] = torch.tensor(c, dtype=torch.long), 1
+    prompt_of = torch.tensor([row[tuple(p)] for p in prompts])
+    return Batch(prompt_ids, prompt_mask, prompt_of, comp, mask)
+
+
+class TokenLogprob(torch.autograd.Function):
+    """log softmax(h W^T / temperature)[y] for a chunk of positions, keeping no [N, V] tensor:
+    backward recomputes the logits and forms softmax - one-hot in place (the fused linear
+    cross-entropy trick). h [..., H], weight [V, H] in the matmul dtype, y [...] -> [...] fp32."""
+
+    @staticmethod
+    def _logits(h, weight, temperature):
+        logits = h.to(weight.dtype) @ weight.T  # [..., V], normalised in fp32 (or fp64)
+        logits = logits.float() if logits.element_size() < 4 else logits
+        return logits.div_(temperature) if temperature != 1 else logits
+
+    @staticmethod
+    def forward(ctx, h, weight, y, temperature):
+        logits = TokenLogprob._logits(h, weight, temperature)
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(h, weight, y, lse)
+        ctx.temperature = temperature
+        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, y, lse = ctx.saved_tensors
+        g = (grad / ctx.temperature).unsqueeze(-1)  # d logp_y/d logits = (one_hot(y) - softmax)/T
+        g_logits = TokenLogprob._logits(h, weight, ctx.temperature).sub_(lse.unsqueeze(-1)).exp_()
+        g_logits = g_logits.mul_(-g).scatter_add_(-1, y.unsqueeze(-1), g).to(weight.dtype)
+        grad_w = g_logits.flatten(0, -2).T @ h.to(weight.dtype).flatten(0, -2)
+        return (g_logits @ weight).to(h.dtype), grad_w, None, None
+
+
+def completion_logprobs(model, batch: Batch, temperature: float = 1.0, share_prompts: bool = True,
+                        chunk: int = 128) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every completion token, [B, T] fp32 (with gradients when enabled).
+    share_prompts: each distinct prompt runs once and its keys/values serve all its completions (a
+    Rank-GRPO group costs P + G*T tokens, not G*(P + T)); gradients flow back through the shared
+    states. Off: every sequence runs whole (needed under activation checkpointing, which drops the
+    cache); the numbers are the same. Positions count real tokens only, as in sample()."""
+    P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
+    prompt_len = batch.prompt_mask.sum(1)[batch.prompt_of]  # [B]
+    comp_pos = prompt_len[:, None] + torch.arange(T, device=prompt_len.device)  # [B, T]
+    attn = torch.cat([batch.prompt_mask[batch.prompt_of], batch.completion_mask], 1)  # [B, P + T]
+    if share_prompts:
+        cache = DynamicCache()
+        out = model.base_model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                               position_ids=prompt_pos, past_key_values=cache, use_cache=True)
+        cache.batch_select_indices(batch.prompt_of)  # [U, ...] -> [B, ...], differentiable
+        last = out.last_hidden_state[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
+        h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn,
+                             position_ids=comp_pos, past_key_values=cache,
+                             use_cache=True).last_hidden_state  # [B, T, H]
+        hidden = torch.cat([last, h[:, :-1]], dim=1)
+    else:
+        ids = torch.cat([batch.prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
+        pos = torch.cat([prompt_pos[batch.prompt_of], comp_pos], dim=1)
+        out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos)
+        hidden = out.last_hidden_state[:, P - 1:-1]  # the state before each token predicts it
+    weight = model.get_output_embeddings().weight  # [V, H], cast once to the autocast dtype
+    if torch.is_autocast_enabled(weight.device.type):
+        weight = weight.to(torch.get_autocast_dtype(weight.device.type))
+    y = batch.completion_ids
+    chunks = [TokenLogprob.apply(hidden[:, s:s + chunk], weight, y[:, s:s + chunk], temperature)
+              for s in range(0, T, chunk)]
+    return torch.cat(chunks, dim=1)
+
+
 def micro_batches(ro: Rollouts, adv_rank: torch.Tensor, nl_table: torch.Tensor, n: int, level: str,
-                  cfg: Config, pad_id: int, device) -> list[tuple[common.Batch, dict]]:
+                  cfg: Config, pad_id: int, device) -> list[tuple[Batch, dict]]:
     """The step's micro-batches of --micro-batch-size sequences (whole groups share a prompt pass),
     each with its per-token advantages, ratio units and loss mask."""
     out = []
     for s in range(0, len(ro.completion_ids), cfg.micro_batch_size):
         idx = list(range(s, min(s + cfg.micro_batch_size, len(ro.completion_ids))))
-        batch = common.make_batch([ro.prompt_ids[i] for i in idx],
-                                  [ro.completion_ids[i] for i in idx], pad_id).to(device)
+        batch = make_batch([ro.prompt_ids[i] for i in idx],
+                           [ro.completion_ids[i] for i in idx], pad_id).to(device)
         lengths = batch.completion_mask.sum(1)  # [b]
         # [b, T]: True on the EOS, if any
         eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
@@ -331,9 +517,7 @@ def micro_batches(ro: Rollouts, adv_rank: torch.Tensor, nl_table: torch.Tensor, 
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. One step, and the training loop
-# ------------------------------------------------------------------------------------------------
+# --- 7. One step, and the training loop -----------------------------------------------------------
 
 def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
             prompts: list[list[int]], rows: list[dict],
@@ -349,7 +533,7 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
 
     # 1. G lists per prompt from pi_old, the current policy.
     t0 = time.time()
-    ro = sample_rollouts(policy, tok, prompts, rows, cfg, common.eos_token_ids(tok, policy))
+    ro = sample_rollouts(policy, tok, prompts, rows, cfg)
     timer["t_sample"], t0 = time.time() - t0, time.time()
 
     # 2. Rewards per rank (Eq. 8/9) and advantages normalised per rank across the G samples (Eq. 6).
@@ -369,9 +553,9 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
     with torch.no_grad(), common.autocast(device, amp):
         for batch, b in batches:
             if cfg.mu > 1:
-                b["logp_old"] = common.completion_logprobs(policy, batch, cfg.temperature, share)
+                b["logp_old"] = completion_logprobs(policy, batch, cfg.temperature, share)
             if ref is not None:
-                b["logp_ref"] = common.completion_logprobs(ref, batch, cfg.temperature, share)
+                b["logp_ref"] = completion_logprobs(ref, batch, cfg.temperature, share)
     timer["t_ref"], t0 = time.time() - t0, time.time()
 
     # 5. mu policy updates, each accumulated over the micro-batches, then one all-reduce and step.
@@ -379,7 +563,7 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
     for _ in range(cfg.mu):
         for batch, b in batches:
             with common.autocast(device, amp):
-                logp = common.completion_logprobs(policy, batch, cfg.temperature, share)  # [b, T]
+                logp = completion_logprobs(policy, batch, cfg.temperature, share)  # [b, T]
             logp_old = b["logp_old"] if cfg.mu > 1 else logp.detach()
             loss, stats = rank_grpo_loss(
                 logp, logp_old, b.get("logp_ref"), b["adv"], b["unit"], b["mask"],
@@ -396,8 +580,16 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     timer["t_train"] = time.time() - t0
+    record = step_record(ro, rel, rewards, sums, catalog, cfg, device)
+    record.update({"grad_norm": grad_norm.item(), **timer, "dt": sum(timer.values())})
+    return record, ro, rewards
 
-    # The step's record: sums over this process's samples, added up over the processes.
+
+def step_record(ro: Rollouts, rel: torch.Tensor, rewards: torch.Tensor, sums: dict,
+                catalog: common.Catalog, cfg: Config, device) -> dict[str, float]:
+    """The step's numbers: sums over this process's samples and tokens, added up over the
+    processes, then divided by the whole step's samples or tokens."""
+    n = cfg.n_items
     ndcg = [common.ndcg_at_k(r.tolist(), max(1, len(row["groundtruth_with_release_year"])), n)
             for r, row in zip(rel, ro.rows)]
     judged = [common.score_completion(t, r, catalog, n, ks=()) for t, r in zip(ro.texts, ro.rows)]
@@ -410,24 +602,25 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
                   "exact_n": sum(j["exact_n"] for j in judged),
                   "len": sum(len(c) for c in ro.completion_ids)}
     per_token = {k: v.item() / cfg.mu for k, v in sums.items()}  # clip_low, clip_high, kl_sum, ...
-    sums_here = [*per_sample.values(), *per_token.values()]
-    total = dict(zip([*per_sample, *per_token], common.all_sum(sums_here, device)))
+    sums_here = [len(ro.texts), *per_sample.values(), *per_token.values()]
+    n_seqs, *summed = common.all_sum(sums_here, device)
+    total = dict(zip([*per_sample, *per_token], summed))
     record = {k: total[k] / n_seqs for k in per_sample}
     tokens = max(1.0, total["tokens"])
     record.update({"kl": total["kl_sum"] / tokens, "clip_low": total["clip_low"] / tokens,
-                   "clip_high": total["clip_high"] / tokens, "ratio": total["ratio_sum"] / tokens,
-                   "grad_norm": grad_norm.item(), **timer, "dt": sum(timer.values())})
+                   "clip_high": total["clip_high"] / tokens, "ratio": total["ratio_sum"] / tokens})
     record["clip"] = record["clip_low"] + record["clip_high"]
-    return record, ro, rewards
+    return record
 
 
 def validate(model, tok, rows, catalog, cfg: Config) -> dict[str, float]:
     """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit conversations."""
-    texts = common.generate_for_rows(model, tok, rows, cfg.max_new_tokens,
-                                     batch_size=cfg.gen_batch_size,
-                                     max_prompt_tokens=cfg.max_prompt_tokens, progress="validation")
+    texts = common.generate(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens,
+                            batch_size=cfg.gen_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                            progress="validation")
     ks = [k for k in common.cutoffs(cfg.n_items) if k in (5, 10, cfg.n_items)]
-    _, s = common.score_texts(texts, rows, catalog, cfg.n_items, ks)
+    s = common.summarize([common.score_completion(t, r, catalog, cfg.n_items, ks)
+                          for t, r in zip(texts, rows)], rows)
     out = {}
     for k in ks:
         out[f"val_recall@{k}"] = s[f"recall@{k}_filtered"]
@@ -446,7 +639,7 @@ def resolve(cfg: Config, n: int) -> Config:
     return cfg
 
 
-def load_models(cfg: Config, device):
+def load_models(cfg: Config, device, verbose: bool = True):
     """The policy (fp32 master weights), the frozen reference (bf16 on CUDA; None if beta = 0)."""
     policy, tok = common.load_model(cfg.model, device=device)
     ref = None
@@ -456,6 +649,14 @@ def load_models(cfg: Config, device):
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
+    if verbose:
+        print(f"policy {cfg.model} on {device} x {common.world_size()} process(es), "
+              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params, bf16 autocast "
+              f"{'on' if cfg.bf16 and common.bf16_native(device) else 'off'}; ref "
+              f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}; algo {cfg.algo}: "
+              f"{ALGOS[cfg.algo][0]}-level ratio, {cfg.reward} reward, "
+              f"clip [{1 - cfg.eps_low:g}, {1 + cfg.eps_high:g}], N={cfg.n_items}, "
+              f"G={cfg.group_size}")
     return policy, ref, tok
 
 
@@ -478,7 +679,7 @@ def main(argv=None) -> None:
     if cfg.prompts_per_step % world:
         raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by "
                                f"{world} processes")
-    common.seed_everything(cfg.seed + rank)  # each process samples its own completions
+    transformers.set_seed(cfg.seed + rank)  # each process samples its own completions
     out, main_process = Path(cfg.out), rank == 0
 
     # 1. Data and models.
@@ -488,18 +689,10 @@ def main(argv=None) -> None:
     val = common.first_conversations(val, cfg.val_limit)
     if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
         raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
-    policy, ref, tok = load_models(cfg, device)
+    policy, ref, tok = load_models(cfg, device, verbose=main_process)
     optimizer, schedule = make_optimizer(cfg, policy)
     nl_table = newline_table(tok, policy.get_output_embeddings().weight.shape[0])
     if main_process:
-        level = ALGOS[cfg.algo][0]
-        print(f"policy {cfg.model} on {device} x {world} process(es), "
-              f"{sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params, bf16 autocast "
-              f"{'on' if cfg.bf16 and common.bf16_native(device) else 'off'}; ref "
-              f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}; "
-              f"algo {cfg.algo}: {level}-level "
-              f"ratio, {cfg.reward} reward, clip [{1 - cfg.eps_low:g}, {1 + cfg.eps_high:g}], "
-              f"N={cfg.n_items}, G={cfg.group_size}")
         print(f"read {len(train)} train rows, {len(val)} val rows, {len(catalog)} catalog items")
 
     order = torch.Generator().manual_seed(cfg.seed)  # the same prompt order in every process
@@ -512,11 +705,9 @@ def main(argv=None) -> None:
         start, pos, perm = state["step"], state["pos"], state["perm"]
         order.set_state(state["order"])
         if main_process:
-            print(f"resumed from {out}/checkpoint at step {start}")
-    log = common.StepLog(out / "log.jsonl", cfg.steps, resume_step=start if cfg.resume else None,
-                         show=SHOW) if main_process else None
+            print(f"resumed from {out}/ckpt.pt at step {start}")
     if start == 0 and cfg.val_every and main_process:
-        log.log(0, validate(policy, tok, val, catalog, cfg))
+        common.log_step(out, 0, cfg.steps, validate(policy, tok, val, catalog, cfg), SHOW)
 
     for step in range(start + 1, cfg.steps + 1):
         # 2. This step's prompts: the next rows of a shuffled pass over train; this process takes
@@ -536,21 +727,22 @@ def main(argv=None) -> None:
             raise common.DataError(f"step {step}: {e}") from None
         schedule.step()
         if main_process:
-            log.log(step, {**record, "lr": lr})
+            common.log_step(out, step, cfg.steps, {**record, "lr": lr}, SHOW)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 print(common.render_list(ro.texts[0], ro.rows[0], catalog, cfg.n_items,
                                          rewards[0].tolist()))
             if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                log.log(step, validate(policy, tok, val, catalog, cfg))
+                common.log_step(out, step, cfg.steps, validate(policy, tok, val, catalog, cfg),
+                                SHOW)
         if step % cfg.save_every == 0 or step == cfg.steps:
             state = {"step": step, "pos": pos, "perm": perm, "order": order.get_state()}
-            common.save_checkpoint(out, policy, tok, optimizer, schedule, state)
+            common.save_checkpoint(out, policy, optimizer, schedule, state)
         common.barrier()
 
     # 4. The final policy, loadable with from_pretrained / common.load_model.
     if main_process:
         common.save_model(policy, tok, out)
-        print(f"wrote {out}/ (model, run_config.json, log.jsonl, checkpoint/)")
+        print(f"wrote {out}/ (model, run_config.json, log.jsonl, ckpt.pt)")
     common.barrier()
 
 
@@ -560,9 +752,7 @@ SHOW = {"reward": ".3f", "ndcg": ".3f", "items": ".1f", "exact_n": ".2f", "kl": 
         "val_exact_n": ".2f"}
 
 
-# ------------------------------------------------------------------------------------------------
-# Appendix: a benchmark of full steps on a randomly initialised model of a real architecture
-# ------------------------------------------------------------------------------------------------
+# --- Appendix: a benchmark of full steps on a randomly initialised model of a real architecture ---
 
 ARCHS = {  # shapes of the released configs (weights are random: only speed and memory are measured)
     "qwen2.5-0.5b": ("Qwen2Config", dict(
@@ -621,7 +811,7 @@ def benchmark(cfg: Config) -> None:
     --group-size rollouts of exactly --max-new-tokens tokens after --benchmark-prompt-tokens."""
     import resource
     rank, world, device = common.setup_distributed(cfg.cpu)
-    common.seed_everything(cfg.seed + rank)
+    transformers.set_seed(cfg.seed + rank)
     cfg.max_new_tokens = cfg.max_new_tokens or 300
     cfg = resolve(cfg, cfg.n_items or common.N_ITEMS)
     policy, ref, tok, rows = benchmark_setup(cfg, device)
@@ -633,8 +823,7 @@ def benchmark(cfg: Config) -> None:
     print(f"benchmark {cfg.benchmark} ({params:.0f}M params) on "
           f"{device} x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
           f"{cfg.benchmark_prompt_tokens} prompt + {cfg.max_new_tokens} new tokens, micro-batch "
-          f"{cfg.micro_batch_size}, bf16 {cfg.bf16 and common.bf16_native(device)}, "
-          f"compile {cfg.compile}")
+          f"{cfg.micro_batch_size}, bf16 {cfg.bf16 and common.bf16_native(device)}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     phases = ("t_step", "t_sample", "t_score", "t_ref", "t_train")

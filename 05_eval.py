@@ -89,9 +89,7 @@ class Config:
     trust_remote_code: bool = arg(False, "allow an HF model's own code to run when it is loaded")
 
 
-# ------------------------------------------------------------------------------------------------
-# What to evaluate on, and with what
-# ------------------------------------------------------------------------------------------------
+# --- What to evaluate on, and with what -----------------------------------------------------------
 
 def resolve_model(spec: str) -> tuple[str, str]:
     """(evaluation name, what load_model gets) for one --models entry; a bad entry stops here,
@@ -122,9 +120,7 @@ def default_models(runs_dir: str) -> list[str]:
     return ["popularity", *found]
 
 
-# ------------------------------------------------------------------------------------------------
-# Scoring given texts (pure: no model, no files)
-# ------------------------------------------------------------------------------------------------
+# --- Scoring given texts (pure: no model, no files) -----------------------------------------------
 
 def score_rows(rows: list[dict], texts: list[str], catalog: common.Catalog, n: int,
                ks: list[int]) -> tuple[list[dict], list[dict]]:
@@ -202,15 +198,13 @@ def results_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# One evaluation: generate, score, write
-# ------------------------------------------------------------------------------------------------
+# --- One evaluation: generate, score, write -------------------------------------------------------
 
 def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n: int,
              cfg: Config) -> dict:
     """Evaluate one model on `rows`; write <out>/<name>/ and return its metrics."""
     start = time.time()
-    device = common.pick_device(cfg.cpu)
+    _, _, device = common.setup_distributed(cfg.cpu)
     max_new = cfg.max_new_tokens or 16 * n + 16
     if path == "popularity":  # no model: the most frequent training items, minus the seen ones
         print(f"\n=== {name}: the most frequent ground-truth items of train, minus what was seen")
@@ -227,9 +221,9 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
                                    f"({str(e).splitlines()[0][:160]})") from None
         # 1. one greedy generation per unique prompt
         gen_start = time.time()
-        texts = common.generate_for_rows(model, tok, rows, max_new, batch_size=cfg.batch_size,
-                                         max_prompt_tokens=cfg.max_prompt_tokens,
-                                         progress=f"generating ({name})")
+        texts = common.generate(model, tok, [r["prompt"] for r in rows], max_new,
+                                batch_size=cfg.batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
+                                progress=f"generating ({name})")
         gen_seconds = time.time() - gen_start
         per_prompt = dict(zip((common.prompt_key(r["prompt"]) for r in rows), texts))
         tokens = [len(tok.encode(t, add_special_tokens=False)) for t in per_prompt.values()]
@@ -256,9 +250,7 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
     return metrics
 
 
-# ------------------------------------------------------------------------------------------------
-# Comparing evaluations: a Markdown table and plots
-# ------------------------------------------------------------------------------------------------
+# --- Comparing evaluations: a Markdown table and plots --------------------------------------------
 
 def load_evaluation(eval_dir: str | Path) -> tuple[dict, list[dict], list[dict]]:
     """(metrics, per-rank rows, per-row samples) of one evaluation directory."""
@@ -461,7 +453,7 @@ def compare(eval_dirs: list[str], out: Path) -> None:
     print(f"wrote {', '.join(f'{out}/{w}' for w in written)}")
 
 
-# ------------------------------------------------------------------------------------------------
+# --- The command line -----------------------------------------------------------------------------
 
 def main(argv=None) -> None:
     cfg = common.parse_config(Config, argv, __doc__.split("\n")[0])

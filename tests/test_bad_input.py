@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from conftest import stage
+from conftest import stage, TINY
 
 catalog_stage, build, sft, rg, ev = (stage(n) for n in ("01_catalog", "02_build_sft", "03_sft",
                                                          "04_rank_grpo", "05_eval"))
@@ -32,7 +32,7 @@ def world(demo_data, tmp_path_factory):
             r["completion"] = [{"role": "assistant",
                                 "content": common.format_items(common.row_groundtruth(r))}]
         common.write_jsonl(root / "data" / f"sft_{split}.jsonl", rows)
-    model, tok = common.load_model("tiny")
+    model, tok = common.load_model(TINY)
     common.save_model(model, tok, root / "runs" / "tiny")
     return root
 
@@ -102,24 +102,24 @@ CASES = [
      "afile: exists and is not a directory"),
     ("01 repliers 0", "01", ["--data-dir", "{r}/out", "--repliers", "0"], None, "--repliers"),
     # 02: the data it reads
-    ("02 catalog summary n not an int", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
+    ("02 catalog summary n not an int", "02", ["--data-dir", "{d}", "--teacher-model", TINY],
      lambda r: write(r / "data" / "catalog_summary.json", '{"n": "ten"}'),
      "'n' must be a positive integer"),
-    ("02 empty catalog", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
+    ("02 empty catalog", "02", ["--data-dir", "{d}", "--teacher-model", TINY],
      lambda r: write(r / "data" / "catalog.jsonl", "\n"), "catalog.jsonl: the catalog is empty"),
-    ("02 val row without prompt", "02", ["--data-dir", "{d}", "--teacher-model", "tiny"],
+    ("02 val row without prompt", "02", ["--data-dir", "{d}", "--teacher-model", TINY],
      lambda r: first_line_replaced(r / "data" / "val.jsonl",
                                    lambda row: {k: v for k, v in row.items() if k != "prompt"}),
      "val.jsonl:1: 'prompt' must be"),
     ("02 not an http url", "02", ["--data-dir", "{d}", "--teacher", "ftp://user:secret@host"], None,
      "--teacher: expected an http:// or https:// URL"),
     # 03: demonstrations, models, outputs
-    ("03 completion not a list", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+    ("03 completion not a list", "03", ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/o"],
      lambda r: first_line_replaced(r / "data" / "sft_train.jsonl",
                                    lambda row: {**row, "completion": [
                                        {"role": "assistant", "content": "Sure! Here you go."}]}),
      "sft_train.jsonl:1: the completion must be one 'Title (Year)' per line"),
-    ("03 empty completion", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+    ("03 empty completion", "03", ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/o"],
      lambda r: first_line_replaced(r / "data" / "sft_val.jsonl",
                                    lambda row: {**row, "completion": [{"role": "assistant",
                                                                        "content": ""}]}),
@@ -128,20 +128,20 @@ CASES = [
      ["--data-dir", "{d}", "--model", "{r}/runs/tiny", "--out", "{r}/o"],
      lambda r: write(r / "runs" / "tiny" / "config.json", "{not json"),
      "runs/tiny: cannot load a model"),
-    ("03 out is a file", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/afile"],
+    ("03 out is a file", "03", ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/afile"],
      lambda r: write(r / "afile", "x"), "afile: exists and is not a directory"),
     ("03 catalog summary not json", "03",
-     ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+     ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/o"],
      lambda r: write(r / "data" / "catalog_summary.json", "{"),
      "catalog_summary.json:1: not valid JSON"),
     ("03 catalog summary without n", "03",
-     ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+     ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/o"],
      lambda r: write(r / "data" / "catalog_summary.json", "{}"),
      "catalog_summary.json: 'n' must be a positive"),
-    ("03 catalog summary n = 0", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+    ("03 catalog summary n = 0", "03", ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/o"],
      lambda r: write(r / "data" / "catalog_summary.json", '{"n": 0}'),
      "'n' must be a positive integer"),
-    ("03 empty catalog", "03", ["--data-dir", "{d}", "--model", "tiny", "--out", "{r}/o"],
+    ("03 empty catalog", "03", ["--data-dir", "{d}", "--model", TINY, "--out", "{r}/o"],
      lambda r: write(r / "data" / "catalog.jsonl", ""), "catalog.jsonl: the catalog is empty"),
     # 04
     ("04 broken config.json", "04",
@@ -233,75 +233,64 @@ def test_a_non_finite_rl_gradient_stops_the_run_and_writes_no_model(world, tmp_p
                           capsys)
     assert (code == 2 and err.startswith("error: step 1: the gradient norm is nan")
             and err.count("\n") == 1)
-    assert not (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
+    assert not (out / "model.safetensors").exists() and not (out / "ckpt.pt").exists()
 
 
 def test_a_non_finite_sft_loss_stops_the_run_and_writes_no_model(world, tmp_path, capsys,
                                                                  monkeypatch):
-    monkeypatch.setattr(sft, "completion_nll",
-                        lambda logp, mask: (logp * mask).sum() * float("nan"))
+    real = sft.completion_nll
+    monkeypatch.setattr(sft, "completion_nll", lambda *a, **k: real(*a, **k) * float("nan"))
     out = tmp_path / "sft"
-    code, err = run_stage("03", ["--data-dir", str(world / "data"), "--model", "tiny",
+    code, err = run_stage("03", ["--data-dir", str(world / "data"), "--model", TINY,
                                  "--out", str(out), "--steps", "2", "--batch-size", "2",
                                  "--eval-every", "0", "--save-every", "1"],
                           capsys)
     assert code == 2 and err.startswith("error: step 1: the loss (nan)") and err.count("\n") == 1
-    assert not (out / "model.safetensors").exists() and not (out / "checkpoint").exists()
+    assert not (out / "model.safetensors").exists() and not (out / "ckpt.pt").exists()
 
 
-def test_weights_with_a_nan_are_never_saved(tmp_path):
-    model, tok = common.load_model("tiny")
-    with torch.no_grad():
-        next(model.parameters())[0, 0] = float("inf")
-    with pytest.raises(common.DataError, match="not finite"):
-        common.save_model(model, tok, tmp_path / "m")
-    assert not (tmp_path / "m" / "model.safetensors").exists()
+# --- checkpoints: one file renamed into place; a kill at any instant leaves a whole one ----------
 
-
-# --- checkpoints: a kill at any moment of the swap leaves a complete one --------------------------
-
-def checkpoint_once(run_dir, model, tok, step):
+def optimizer_and_schedule(model):
     optimizer = torch.optim.AdamW(model.parameters())
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def checkpoint_once(run_dir, model, step):
     with torch.no_grad():
         next(model.parameters())[0, 0] = float(step)  # the step, readable back from the weights
-    common.save_checkpoint(run_dir, model, tok, optimizer, None, {"step": step})
+    common.save_checkpoint(run_dir, model, *optimizer_and_schedule(model), {"step": step})
 
 
 KILL = """
 import os, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import common, test_bad_input as t
-model, tok = common.load_model("tiny")
-t.checkpoint_once({run!r}, model, tok, 1)
-point, renames = {point!r}, []
-real_replace, real_rmtree, real_save = os.replace, common.shutil.rmtree, common.torch.save
+import torch, common, test_bad_input as t
+model, _ = common.load_model(t.TINY)
+t.checkpoint_once({run!r}, model, 1)
+real_save, real_replace = torch.save, os.replace
 
-# the swap: checkpoint -> .checkpoint.old*, then .checkpoint.tmp* -> checkpoint
-def replace(src, dst):
-    renames.append(src)
-    if (point, len(renames)) in (("first rename", 1), ("second rename", 2)):
+def save(obj, f, *args, **kwargs):  # killed halfway through writing the new checkpoint
+    if {point!r} == "writing":
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
         os._exit(9)  # like SIGKILL: no cleanup, no finally
+    real_save(obj, f, *args, **kwargs)
+
+def replace(src, dst):
+    if {point!r} == "renaming":
+        os._exit(9)
     real_replace(src, dst)
-
-def rmtree(path, *args, **kwargs):
-    if point == "removing the old one" and ".checkpoint.old" in str(path):
+    if {point!r} == "after":
         os._exit(9)
-    real_rmtree(path, *args, **kwargs)
 
-def save(*args, **kwargs):
-    if point == "writing":
-        os._exit(9)
-    real_save(*args, **kwargs)
-
-common.os.replace, common.shutil.rmtree, common.torch.save = replace, rmtree, save
-t.checkpoint_once({run!r}, model, tok, 2)
+torch.save, common.os.replace = save, replace
+t.checkpoint_once({run!r}, model, 2)
 """
 
 
-@pytest.mark.parametrize("point, newest", [("writing", 1), ("first rename", 2),
-                                           ("second rename", 2), ("removing the old one", 2)])
-def test_a_kill_while_a_checkpoint_is_replaced_keeps_the_newest_complete_one(point, newest,
-                                                                             tmp_path):
+@pytest.mark.parametrize("point, newest", [("writing", 1), ("renaming", 1), ("after", 2)])
+def test_a_kill_while_a_checkpoint_is_written_keeps_a_whole_one(point, newest, tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
@@ -309,19 +298,18 @@ def test_a_kill_while_a_checkpoint_is_replaced_keeps_the_newest_complete_one(poi
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 9, res.stderr[-2000:]  # killed where the test meant it
-    assert common.complete_checkpoints(tmp_path)[-1][0] == newest
-    model, tok = common.load_model("tiny")
-    state = common.load_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), None)
+    model, _ = common.load_model(TINY)
+    state = common.load_checkpoint(tmp_path, model, *optimizer_and_schedule(model))
     assert state["step"] == newest and next(model.parameters())[0, 0].item() == newest
-    checkpoint_once(tmp_path, model, tok, 3)  # the next checkpoint cleans up what the kill left
-    assert [p.name for p in tmp_path.iterdir() if "checkpoint" in p.name] == ["checkpoint"]
-    assert common.complete_checkpoints(tmp_path) == [(3, tmp_path / "checkpoint")]
+    checkpoint_once(tmp_path, model, 3)  # the next checkpoint replaces it, leftovers or not
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert common.load_checkpoint(tmp_path, model, *optimizer_and_schedule(model))["step"] == 3
 
 
 def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
-    model, tok = common.load_model("tiny")
-    checkpoint_once(tmp_path, model, tok, 1)
-    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    model, _ = common.load_model(TINY)
+    checkpoint_once(tmp_path, model, 1)
+    state_file = tmp_path / "ckpt.pt"
     state_file.write_bytes(state_file.read_bytes()[:100])
-    with pytest.raises(common.DataError, match="damaged checkpoint"):
-        common.load_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), None)
+    with pytest.raises(common.DataError, match="damaged"):
+        common.load_checkpoint(tmp_path, model, *optimizer_and_schedule(model))

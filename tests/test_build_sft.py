@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import stage
+from conftest import stage, TINY
 from openai_stub_server import StubServer, model_reply
 
 sft = stage("02_build_sft")
@@ -39,7 +39,7 @@ def data(demo_data, tmp_path, convrec_cache, monkeypatch):
 
 
 def run_args(data, *extra):
-    return ["--data-dir", str(data), "--teacher-model", "tiny", "--limit", "2", "--val-limit", "2",
+    return ["--data-dir", str(data), "--teacher-model", TINY, "--limit", "2", "--val-limit", "2",
             "--n-reflect", "6", "--item-tokens", "4", "--extra-demos", "0", *extra]
 
 
@@ -54,7 +54,7 @@ def test_chat_through_an_openai_compatible_server_equals_the_local_teacher(tiny,
         with sft.Teacher("tiny", sft.remote_answers(cfg), tmp_path / "remote.jsonl") as remote:
             got = remote.chat_many(prompts, max_tokens=12)
             assert remote.chat(HEAT, max_tokens=12) == got[0]  # the single form, from the cache
-    local = sft.local_answers("tiny", torch.device("cpu"), batch_size=1)
+    local = sft.local_answers(TINY, torch.device("cpu"), batch_size=1)
     with sft.Teacher("tiny", local, tmp_path / "local.jsonl") as teacher:
         assert got == teacher.chat_many(prompts, max_tokens=12)
     assert len(server.requests) == 2
@@ -367,18 +367,13 @@ def test_conversation_text_strips_our_instruction_only():
     assert sft.conversation_text(foreign, 7) == foreign[0]["content"]
 
 
-def test_embedder_mean_pools_without_padding_and_caches_the_catalog(convrec_cache, monkeypatch):
-    monkeypatch.setenv("CONVREC_CACHE", str(convrec_cache))
+def test_embedder_mean_pools_without_padding():
     emb = sft.Embedder("", torch.device("cpu"))
     alone = emb.encode(["Heat (1995). Genres: crime, thriller."])
     padded = emb.encode(["Heat (1995). Genres: crime, thriller.", "A much longer text " * 20])
     np.testing.assert_allclose(alone[0], padded[0], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, atol=1e-5)
-    texts = ["Heat (1995)", "Alien (1979)"]
-    first = sft.catalog_embeddings(emb, texts)
-    monkeypatch.setattr(emb, "encode",
-                        lambda *a, **k: pytest.fail("the cached embeddings were not used"))
-    np.testing.assert_array_equal(sft.catalog_embeddings(emb, texts), first)
+    assert emb.encode([]).shape == (0, padded.shape[1])
 
 
 # --- Reflect (Eq. 11) -----------------------------------------------------------------------------
@@ -460,7 +455,7 @@ def test_adjust_with_strong_regularisation_keeps_w_near_one_and_b_near_zero():
 
 def check_demonstrations(data, split, n):
     cat = common.Catalog.load(data / "catalog.jsonl")
-    rows = common.read_rows(data / f"sft_{split}.jsonl", "", need_completion=True)
+    rows = common.read_rows(data / f"sft_{split}.jsonl", "", stage("03_sft").check_demonstration)
     source = {r["id"]: r for r in common.read_rows(data / f"{split}.jsonl", "")}
     for r in rows:
         assert {k: v for k, v in r.items() if k != "completion"} == source[r["id"]]
@@ -506,12 +501,15 @@ def test_extra_demonstrations_come_from_train_conversations_the_teacher_never_sa
     assert len({common.conversation_id(r) for r in train}) == total
 
 
-def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, convrec_cache):
+def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, monkeypatch):
+    embedded, encode = [], sft.Embedder.encode
+    monkeypatch.setattr(sft.Embedder, "encode",
+                        lambda self, texts, **kw: embedded.extend(texts) or encode(self, texts, **kw))
+
     def reply(body):
         if body["messages"][0]["content"].startswith("Describe the movie"):
             return "Keywords: heist, crew\nPlot: A crew plans one last job."
         return "Heat (1995)\nNot A Real Movie (2001)"  # one catalog item, one outside it
-    before = set(convrec_cache.rglob("*.npy"))
     with StubServer(reply) as server:
         report = sft.main(run_args(data, "--teacher", server.url, "--metadata", "--no-reflect"))
     described = [r["body"]["messages"][0]["content"] for r in server.requests
@@ -521,27 +519,11 @@ def test_metadata_is_written_by_the_teacher_for_every_item_and_embedded(data, co
     assert any("Not A Real Movie (2001)" in d for d in described)
     # 4 lists, then the descriptions
     assert report["teacher_replies_requested"] == 4 + n_catalog + 1
-    # new item texts: new catalog embeddings
-    assert len(set(convrec_cache.rglob("*.npy")) - before) == 1
+    # the item texts embedded are the teacher's descriptions
+    assert "Heat (1995). Keywords: heist, crew\nPlot: A crew plans one last job." in embedded
     check_demonstrations(data, "val", common.data_n(data))
 
 
 def test_adjust_needs_the_train_split(data):
     with pytest.raises(common.DataError, match="train"):
         sft.main(run_args(data, "--split", "val"))
-
-
-def test_cross_validation_keeps_a_pattern_and_shrinks_noise():
-    """choose_reg: when every conversation's ground truth is the same item, Adjust generalises and a
-    small L2 weight wins; when the ground truth is random, held-out data prefers w = 1, b = 0."""
-    g = torch.Generator().manual_seed(0)
-    R, C = 40, 30
-    s = torch.rand(R, C, generator=g, dtype=torch.float64) * 0.1
-    pattern = torch.zeros(R, C, dtype=torch.float64)
-    pattern[:, 7] = 1
-    reg, held_out = sft.choose_reg(s, pattern)
-    assert reg == min(sft.REG_GRID) and set(held_out) == set(sft.REG_GRID)
-    noise = torch.zeros(R, C, dtype=torch.float64)
-    noise[torch.arange(R), torch.randint(0, C, (R,), generator=g)] = 1
-    reg, held_out = sft.choose_reg(s, noise)
-    assert reg >= 100 and held_out[reg] < held_out[0.01]

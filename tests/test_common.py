@@ -232,7 +232,7 @@ def test_filtered_protocol_cuts_at_n_after_filtering():
 def test_mean_and_se_clusters_by_conversation():
     mean, se = common.mean_and_se([1.0, 1.0, 0.0, 0.0], ["a", "a", "b", "b"])
     assert mean == 0.5 and se == pytest.approx(0.5)  # two clusters with means 1 and 0
-    mean, se = common.mean_and_se([1.0, 1.0, 0.0, 0.0])
+    mean, se = common.mean_and_se([1.0, 1.0, 0.0, 0.0], ["a", "b", "c", "d"])
     assert se == pytest.approx(math.sqrt(1 / 3) / 2)
 
 
@@ -317,118 +317,47 @@ def test_tiny_model_round_trips_save_and_load(tiny, tmp_path):
     assert tok2.pad_token == tok.pad_token and tok2.padding_side == "left"
 
 
-def test_greedy_decoding_is_the_argmax_of_the_plain_forward_pass_and_stops_at_eos(tiny):
-    model, tok = tiny
-    prompts = [tok.encode("Heat (1995)\nAlien"),
-               tok.encode("a longer prompt about Jaws (1975) and")]
-    got = common.decode(model, prompts, 12, [], tok.pad_token_id, greedy=True)
-    # no repetition penalty, no processors: argmax of the model itself
-    for p, c in zip(prompts, got):
-        with torch.no_grad():
-            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]
-        assert c == logits.argmax(-1).tolist() and len(c) == 12
-    stop = got[0][0]
-    assert stop not in got[1]
-    again = common.decode(model, prompts, 12, [stop], tok.pad_token_id, greedy=True)
-    assert again == [[stop], got[1]]  # one stops at its EOS (kept); the other goes on unchanged
-
-
-def test_compiled_decoding_on_a_static_cache_equals_eager_decoding(tiny):
-    """--compile's path (static cache, fixed shapes, torch.compile; ~25 s of compiling on a CPU)."""
-    model, tok = tiny
-    prompts = [tok.encode("Heat (1995)\nAlien"),
-               tok.encode("a longer prompt about Jaws (1975) and")]
-    eager = common.decode(model, prompts, 10, [], tok.pad_token_id, greedy=True)
-    stop = eager[0][0]
-    eager_stop = common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True)
-    assert common.decode(model, prompts, 10, [stop], tok.pad_token_id, greedy=True,
-                         compile=True) == eager_stop
-    model._compiled_forward = None
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampling_draws_from_the_whole_softmax(tiny, temperature):
-    """No top-k, top-p or other warper: the first sampled token follows softmax(logits / T) over the
-    whole vocabulary (generate() with top_k unset would never draw more than 50 distinct tokens)."""
-    model, tok = tiny
-    prompt = tok.encode("Recommend movies like Heat (1995)")
-    torch.manual_seed(0)
-    draws = [c[0] for c in common.decode(model, [prompt], 1, [], tok.pad_token_id,
-                                         temperature=temperature, repeats=4000)]
+def greedy_by_hand(model, tok, messages, n_tokens, eos):
+    """The argmax of the plain forward pass, token by token, until an id in `eos`."""
+    ids = common.encode_prompts(tok, [messages], 2048)[0]
+    out = []
     with torch.no_grad():
-        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
-    freq = torch.bincount(torch.tensor(draws), minlength=probs.numel()).float() / len(draws)
-    outside = ~torch.isin(torch.tensor(draws), probs.topk(50).indices)
-    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(),
-                                                          abs=0.04)
-    assert 0.5 * (freq - probs).abs().sum() < 0.2  # total variation: ~0.12 from 4000 draws alone
+        while len(out) < n_tokens:
+            out.append(model(torch.tensor([ids + out])).logits[0, -1].argmax().item())
+            if out[-1] in eos:
+                return tok.decode(out[:-1])
+    return tok.decode(out)
 
 
-def test_generate_batched_matches_one_by_one(tiny):
+def test_greedy_generation_is_the_argmax_of_the_plain_forward_pass_and_stops_at_eos(tiny):
     model, tok = tiny
-    prompts = [common.task_prompt("short", 3),
-               common.task_prompt("a much longer conversation " * 5, 3)]
-    together = common.generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
-    alone = [common.generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
-    assert together == alone
+    prompts = [common.task_prompt("Heat (1995) and Alien", 3),
+               common.task_prompt("a longer thread about Jaws (1975) and other sharks", 3)]
+    got = common.generate(model, tok, prompts, 12)  # no repetition penalty, no processors
+    assert got == [greedy_by_hand(model, tok, p, 12, []) for p in prompts]
+    with torch.no_grad():  # the first token greedy writes after the first prompt
+        ids = common.encode_prompts(tok, prompts[:1], 2048)[0]
+        first = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+    eos = model.generation_config.eos_token_id, tok.eos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id = first  # the first prompt stops at once
+    try:
+        again = common.generate(model, tok, prompts, 12)
+        assert again == [greedy_by_hand(model, tok, p, 12, [first]) for p in prompts]
+        assert again[0] == "" and again[1] != got[1]  # the second stops where it writes `first`
+    finally:
+        model.generation_config.eos_token_id, tok.eos_token_id = eos
 
 
-def plain_logprobs(model, prompt, completion, temperature=1.0):
-    """log pi of each completion token from the plain forward pass of the sequence alone."""
-    logits = model(torch.tensor([prompt + completion])).logits.float()[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits / temperature, -1).gather(
-        -1, torch.tensor(completion)[:, None]).squeeze(-1)
-
-
-# prompts of different lengths (left-padded in one batch), shared by several completions
-PROMPTS = ["Heat (1995) is", "a much longer prompt about Alien (1979) and", "Heat (1995) is"]
-COMPLETIONS = [" Ronin (1998)\nJaws", " Heat (1995)\nX", "\nToy Story (1995)"]
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-@pytest.mark.parametrize("share", [True, False])
-def test_completion_logprobs_equal_the_plain_forward_pass(tiny, temperature, share):
+def test_rows_sharing_a_prompt_are_generated_once_and_handed_back_in_order(tiny, monkeypatch):
     model, tok = tiny
-    prompts, comps = [tok.encode(p) for p in PROMPTS], [tok.encode(c) for c in COMPLETIONS]
-    batch = common.make_batch(prompts, comps, tok.pad_token_id)
-    assert batch.prompt_ids.shape[0] == 2 and batch.prompt_of.tolist() == [0, 1, 0]  # shared once
-    with torch.no_grad():
-        lp = common.completion_logprobs(model, batch, temperature, share, chunk=3)
-        for i in range(3):
-            assert torch.allclose(lp[i, :len(comps[i])],
-                                  plain_logprobs(model, prompts[i], comps[i], temperature),
-                                  atol=1e-5)
-
-
-def test_shared_prompt_gradients_equal_the_plain_forward_pass(tiny):
-    model, tok = tiny
-    prompts, comps = [tok.encode(p) for p in PROMPTS], [tok.encode(c) for c in COMPLETIONS]
-    batch = common.make_batch(prompts, comps, tok.pad_token_id)
-    weights = torch.rand(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
-
-    def grads(fn):
-        model.zero_grad()
-        fn().backward()
-        out = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        return out
-
-    plain = grads(lambda: sum((plain_logprobs(model, p, c) * weights[i, :len(c)]).sum()
-                              for i, (p, c) in enumerate(zip(prompts, comps))))
-    for share in (True, False):
-        got = grads(lambda: (common.completion_logprobs(model, batch, share_prompts=share, chunk=4)
-                             * weights * batch.completion_mask).sum())
-        for a, b in zip(got, plain):
-            assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_token_logprob_backward_is_the_gradient_of_the_log_softmax():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.randint(0, 7, (2, 3), generator=g)
-    for t in (1.0, 0.7):
-        assert torch.autograd.gradcheck(lambda h, w: common._TokenLogprob.apply(h, w, y, t), (h, w))
+    a, b = common.task_prompt("short", 3), common.task_prompt("a much longer thread " * 5, 3)
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    got = common.generate(model, tok, [b, a, b, a, a], max_new_tokens=6, batch_size=8)
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 2  # each distinct prompt once
+    alone = [common.generate(model, tok, [p], max_new_tokens=6)[0] for p in (a, b)]
+    assert got == [alone[1], alone[0], alone[1], alone[0], alone[0]]
 
 
 def test_save_model_keeps_other_files_in_the_run_dir(tiny, tmp_path):
@@ -451,17 +380,37 @@ def test_render_list_marks_each_line():
     assert "r=+1.00" in out[1]
 
 
-def test_step_log_fixed_columns_and_resume_trims(tmp_path, capsys):
-    log = common.StepLog(tmp_path / "log.jsonl", 10)
+def test_step_log_fixed_columns_and_every_number_in_log_jsonl(tmp_path, capsys):
+    show = {"loss": "9.4f", "lr": ".2e"}
     for step in (1, 2, 3):
-        log.log(step, {"loss": 1.0 / step, "lr": 5e-5})
+        common.log_step(tmp_path, step, 10, {"loss": 1.0 / step, "lr": 5e-5, "elapsed": 3.0}, show)
     lines = capsys.readouterr().out.strip().split("\n")
-    assert lines[0].startswith("step 01/10 | loss    1.0000 | lr  5.00e-05")
+    assert lines[0] == "step 01/10 | loss    1.0000 | lr 5.00e-05"  # only the keys of `show`
     assert len({len(line) for line in lines}) == 1  # fixed columns
-    common.StepLog(tmp_path / "log.jsonl", 10, resume_step=2)
+    assert common.read_jsonl(tmp_path / "log.jsonl")[0]["elapsed"] == 3.0  # every key logged
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint_and_a_fresh_start_drops_it(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        lr: float = 1e-5
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    common.start_run(tmp_path, C(), resume=False, trajectory=("lr",))
+    for step in (1, 2, 3):
+        common.log_step(tmp_path, step, 10, {"loss": 1.0}, {"loss": ".1f"})
+        if step == 2:
+            common.save_checkpoint(tmp_path, model, optimizer, schedule, {"step": 2})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # an append cut off by a kill
+    assert common.load_checkpoint(tmp_path, model, optimizer, schedule) == {"step": 2}
     assert [r["step"] for r in common.read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
-    common.StepLog(tmp_path / "log.jsonl", 10)
-    assert not (tmp_path / "log.jsonl").exists()
+    common.start_run(tmp_path, C(), resume=False, trajectory=("lr",), overwrite=True)
+    assert not (tmp_path / "log.jsonl").exists() and not (tmp_path / "ckpt.pt").exists()
 
 
 def test_start_run_refuses_a_resume_that_changes_the_trajectory(tmp_path):
@@ -472,14 +421,13 @@ def test_start_run_refuses_a_resume_that_changes_the_trajectory(tmp_path):
         lr: float = 1e-5
         steps: int = 10
 
-    (tmp_path / "checkpoint").mkdir()
-    (tmp_path / ".checkpoint.old123").mkdir()  # what a kill in the middle of a swap leaves
+    (tmp_path / "ckpt.pt").write_bytes(b"an earlier run's checkpoint")
     with pytest.raises(common.DataError,
-                       match="holds an earlier run .checkpoint.; --resume continues it"):
+                       match="holds an earlier run .ckpt.pt.; --resume continues it"):
         common.start_run(tmp_path, C(), resume=False, trajectory=("lr",))
-    assert (tmp_path / "checkpoint").exists()  # refused: nothing removed
+    assert (tmp_path / "ckpt.pt").exists()  # refused: nothing removed
     common.start_run(tmp_path, C(), resume=False, trajectory=("lr",), overwrite=True)
-    assert not list(tmp_path.glob("*checkpoint*"))  # a fresh run drops an earlier run's checkpoints
+    assert not (tmp_path / "ckpt.pt").exists()  # a fresh run drops an earlier run's checkpoint
     common.start_run(tmp_path, C(steps=20), resume=True, trajectory=("lr",))  # steps may change
     with pytest.raises(common.DataError, match="--lr 1e-05 \\(now 0.001\\)"):
         common.start_run(tmp_path, C(lr=1e-3), resume=True, trajectory=("lr",))

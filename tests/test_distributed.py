@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 import common
-from conftest import ROOT, stage
+from conftest import ROOT, stage, TINY
 
 rg = stage("04_rank_grpo")
 
@@ -53,7 +53,7 @@ def weights(d):
 
 
 def test_sft_two_processes_equal_one(sft_data, tmp_path):
-    args = ["--model", "tiny", "--data-dir", str(sft_data), "--steps", "3", "--batch-size", "4",
+    args = ["--model", TINY, "--data-dir", str(sft_data), "--steps", "3", "--batch-size", "4",
             "--micro-batch-size", "1", "--lr", "1e-3", "--eval-every", "0", "--save-every", "0",
             "--cpu"]
     one = subprocess.run([sys.executable, str(ROOT / "03_sft.py"), *args,
@@ -62,7 +62,7 @@ def test_sft_two_processes_equal_one(sft_data, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("03_sft.py", *args, "--out", str(tmp_path / "two"))
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    start = common.load_model("tiny")[0].state_dict()
+    start = common.load_model(TINY)[0].state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
@@ -82,8 +82,8 @@ def _learn(rank, world, port, ro_path, out_path):
     common.setup_distributed(cpu=True)
     # written by this test, not user input
     ro, catalog, cfg = torch.load(ro_path, weights_only=False)
-    model, tok = common.load_model("tiny")
-    ref, _ = common.load_model("tiny")
+    model, tok = common.load_model(TINY)
+    ref, _ = common.load_model(TINY)
     per = len(ro.texts) // world
     share = rg.Rollouts(*(getattr(ro, f)[rank * per:(rank + 1) * per] for f in
                           ("prompt_ids", "completion_ids", "has_eos", "texts", "rows")))
@@ -111,7 +111,7 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
     processes on halves of a batch equals one process's update on all of it. Exact where it is
     exact (normalisers, the all-reduced gradients up to float summation order); the weights after
     two Adam steps within a small fraction of the update (Adam rescales rounding differences)."""
-    model, tok = common.load_model("tiny")
+    model, tok = common.load_model(TINY)
     # fp32: bf16 rounding differs with the micro-batch shapes
     cfg = rg.resolve(rg.Config(group_size=3, max_new_tokens=20, micro_batch_size=2, lr=1e-3,
                                algo=algo, mu=2, bf16=False), 2)
@@ -120,7 +120,7 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
              "groundtruth_with_release_year": [["Heat", "1995"]]} for i in range(2)]
     torch.manual_seed(0)
     ro = rg.sample_rollouts(model, tok, [tok.encode("Heat (1995)\n"), tok.encode("Alien\n")],
-                            rows, cfg, [tok.eos_token_id])
+                            rows, cfg)
     # some rewards to learn from
     ro.texts[0], ro.texts[4] = "Heat (1995)\nAlien (1979)", "x\nHeat (1995)"
     ro_path = tmp_path / "ro.pt"
@@ -132,7 +132,7 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
     assert len(one["grads"]) == len(two["grads"]) == cfg.mu
     for g1, g2 in zip(one["grads"][0], two["grads"][0]):  # the first update: the same gradient
         assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5 * g1.abs().max().item())
-    start = common.load_model("tiny")[0].state_dict()
+    start = common.load_model(TINY)[0].state_dict()
     assert any(not torch.equal(one["weights"][k], start[k]) for k in start)
     for k in start:
         update = (one["weights"][k] - start[k]).abs().max().item()
@@ -142,7 +142,7 @@ def test_rank_grpo_two_processes_equal_one_on_the_same_rollouts(algo, tmp_path):
 
 
 def test_rank_grpo_under_torchrun_logs_once_and_resumes(demo_data, tmp_path):
-    model, tok = common.load_model("tiny")
+    model, tok = common.load_model(TINY)
     common.save_model(model, tok, tmp_path / "sft")
     args = ["--data-dir", str(demo_data), "--model", str(tmp_path / "sft"),
             "--out", str(tmp_path / "rl"), "--prompts-per-step", "2", "--group-size", "2",

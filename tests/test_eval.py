@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import common
-from conftest import stage
+from conftest import stage, TINY
 
 ev = stage("05_eval")
 
@@ -132,27 +132,6 @@ def test_paired_differences_by_hand():
     assert "+0.4077 ± 0.2718 (+1.5 SE) |" in table
 
 
-# --- generation: one per unique prompt ------------------------------------------------------------
-
-def test_rows_sharing_a_prompt_are_generated_once(tiny, monkeypatch):
-    model, tok = tiny
-    calls = []
-    real = common.generate
-
-    def counting(model, tok, prompts, **kw):
-        out = real(model, tok, prompts, **kw)
-        calls.append((prompts, out))
-        return out
-
-    monkeypatch.setattr(common, "generate", counting)
-    texts = common.generate_for_rows(model, tok, ROWS, max_new_tokens=3, batch_size=8,
-                                     max_prompt_tokens=256)
-    assert len(calls) == 1
-    prompts, outputs = calls[0]
-    assert prompts == [ROWS[0]["prompt"], ROWS[2]["prompt"]]
-    assert texts == [outputs[0], outputs[0], outputs[1]]
-
-
 def test_first_conversations_keeps_whole_conversations_in_file_order():
     rows = ROWS + [make_row("c3#0", "three", [("Golf", 2006)])]
     assert [r["id"] for r in common.first_conversations(rows, 1)] == ["c1#0", "c1#1"]
@@ -181,7 +160,7 @@ def test_missing_model_dir_is_one_line_and_exit_2(tmp_path, demo_data, capsys, m
     if make_dir:  # a run directory that holds logs but no saved model
         run_dir.mkdir(parents=True)
         (run_dir / "log.jsonl").write_text('{"step": 1}\n')
-    argv = ["--models", "tiny", str(run_dir), "--data-dir", str(demo_data),
+    argv = ["--models", TINY, str(run_dir), "--data-dir", str(demo_data),
             "--out", str(tmp_path / "eval")]
     with pytest.raises(SystemExit) as e:
         common.run(lambda: ev.main(argv))
@@ -226,7 +205,7 @@ def evaluated(tmp_path_factory, demo_data):
     """tiny (a name) and runs/sft (a saved tiny with a training log) evaluated on 3 test
     conversations, counting the prompts that reach common.generate."""
     tmp = tmp_path_factory.mktemp("eval05")
-    model, tok = common.load_model("tiny")
+    model, tok = common.load_model(TINY)
     run = tmp / "runs" / "sft"
     common.save_model(model, tok, run)
     common.write_jsonl(run / "log.jsonl", [
@@ -238,9 +217,9 @@ def evaluated(tmp_path_factory, demo_data):
     real = common.generate
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "generate",
-                   lambda m, t, prompts, **kw: generated.append(len(prompts))
-                   or real(m, t, prompts, **kw))
-        ev.main(["--models", "tiny", str(run), "--data-dir", str(demo_data), "--out", str(out),
+                   lambda m, t, prompts, *a, **kw: generated.append(
+                       len({common.prompt_key(p) for p in prompts})) or real(m, t, prompts, *a, **kw))
+        ev.main(["--models", TINY, str(run), "--data-dir", str(demo_data), "--out", str(out),
                  "--limit", "3", "--max-new-tokens", "4"])
     return tmp, out, generated
 

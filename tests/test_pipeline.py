@@ -6,19 +6,19 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, TINY
 
 import common
 
 STAGES = [
     ["01_catalog.py", "--conversations", "40", "--n-items", "4"],
-    ["02_build_sft.py", "--teacher-model", "tiny", "--limit", "4", "--val-limit", "2",
+    ["02_build_sft.py", "--teacher-model", TINY, "--limit", "4", "--val-limit", "2",
      "--n-reflect", "4", "--item-tokens", "4"],
-    ["03_sft.py", "--model", "tiny", "--steps", "3", "--batch-size", "4", "--eval-every", "3",
+    ["03_sft.py", "--model", TINY, "--steps", "3", "--batch-size", "4", "--eval-every", "3",
      "--eval-gen", "2", "--lr", "1e-3"],
     ["04_rank_grpo.py", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2",
      "--max-new-tokens", "24", "--val-limit", "2", "--val-every", "2", "--lr", "1e-3"],
-    ["05_eval.py", "--models", "tiny", "runs/sft", "runs/rank_grpo", "--limit", "3",
+    ["05_eval.py", "--models", TINY, "runs/sft", "runs/rank_grpo", "--limit", "3",
      "--max-new-tokens", "24"],
 ]
 

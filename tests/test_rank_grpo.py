@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import stage
+from conftest import stage, TINY
 
 rg = stage("04_rank_grpo")
 
@@ -103,7 +103,7 @@ def test_one_update_on_n_minus_1_n_and_n_plus_1_items_teaches_stopping_at_n(tiny
     items = [tok.encode(t) for t in ("Heat (1995)", "Alien (1979)", "Jaws (1975)")]
     lists = [items[0] + [eos], items[0] + nl + items[1] + [eos],
              items[0] + nl + items[1] + nl + items[2] + [eos]]
-    batch = common.make_batch([prompt] * 3, lists, tok.pad_token_id)
+    batch = rg.make_batch([prompt] * 3, lists, tok.pad_token_id)
     eos_tok = torch.zeros_like(batch.completion_mask, dtype=torch.bool)
     for i, c in enumerate(lists):
         eos_tok[i, len(c) - 1] = True
@@ -119,15 +119,15 @@ def test_one_update_on_n_minus_1_n_and_n_plus_1_items_teaches_stopping_at_n(tiny
 
     def probs():
         with torch.no_grad():
-            return {"eos after N": common.completion_logprobs(model, common.make_batch(
+            return {"eos after N": rg.completion_logprobs(model, rg.make_batch(
                         [prompt], [lists[1]], tok.pad_token_id))[0, k].exp().item(),
-                    "eos before N": common.completion_logprobs(model, common.make_batch(
+                    "eos before N": rg.completion_logprobs(model, rg.make_batch(
                         [prompt], [lists[0]], tok.pad_token_id))[0, len(items[0])].exp().item(),
-                    "newline after N": common.completion_logprobs(model, common.make_batch(
+                    "newline after N": rg.completion_logprobs(model, rg.make_batch(
                         [prompt], [lists[2]], tok.pad_token_id))[0, k].exp().item()}
 
     before = probs()
-    logp = common.completion_logprobs(model, batch)
+    logp = rg.completion_logprobs(model, batch)
     loss, _ = rg.rank_grpo_loss(logp, logp.detach(), None, adv, unit, mask, eps_low=0.06,
                                 eps_high=0.08, beta=0.0, n_units=3 * n, n_tokens=mask.sum())
     loss.backward()
@@ -267,7 +267,7 @@ def test_on_policy_gradient_is_the_rank_policy_gradient(tiny):
     model, tok = tiny
     prompts = [tok.encode("Heat (1995)\n"), tok.encode("x")]
     comps = [tok.encode("Alien (1979)\nJaws (1975)")[:10], tok.encode("ab\ncd\nef\ngh (1)")[:10]]
-    batch = common.make_batch(prompts, comps, tok.pad_token_id)
+    batch = rg.make_batch(prompts, comps, tok.pad_token_id)
     n = 3
     table = rg.newline_table(tok, model.get_output_embeddings().weight.shape[0])
     mask = batch.completion_mask
@@ -276,12 +276,12 @@ def test_on_policy_gradient_is_the_rank_policy_gradient(tiny):
     adv = torch.where(rank >= n, torch.full_like(adv, -0.1), adv)
 
     model.zero_grad()
-    logp = common.completion_logprobs(model, batch)
+    logp = rg.completion_logprobs(model, batch)
     loss(logp, logp.detach(), adv, rank, mask, 2 * n)[0].backward()
     got = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    logp = common.completion_logprobs(model, batch)
+    logp = rg.completion_logprobs(model, batch)
     pg = 0
     for i in range(2):
         for k in range(int(rank[i].max()) + 1):
@@ -402,7 +402,7 @@ def test_accumulated_micro_batches_equal_the_full_batch(tiny):
         for batch, b in batches:
             idx = range(start, start + len(batch.prompt_of))
             start += len(batch.prompt_of)
-            logp = common.completion_logprobs(model, batch)
+            logp = rg.completion_logprobs(model, batch)
             # off-policy
             logp_old = logp.detach() + torch.stack([noise[i][:logp.shape[1]] for i in idx])
             value, _ = rg.rank_grpo_loss(logp, logp_old, logp_old - 0.1, b["adv"], b["unit"],
@@ -424,7 +424,7 @@ def test_rl_sampling_draws_from_the_whole_softmax(tiny):
     prompt = tok.encode("Recommend movies like Heat (1995)")
     cfg = rg.Config(group_size=3000, max_new_tokens=1, gen_batch_size=3000)
     torch.manual_seed(0)
-    ro = rg.sample_rollouts(model, tok, [prompt], [{}], cfg, [tok.eos_token_id])
+    ro = rg.sample_rollouts(model, tok, [prompt], [{}], cfg)
     first = torch.tensor([c[0] for c in ro.completion_ids])
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
@@ -433,13 +433,90 @@ def test_rl_sampling_draws_from_the_whole_softmax(tiny):
     assert outside.float().mean().item() == pytest.approx(1 - top50_mass, abs=0.04)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_draws_from_the_whole_softmax(tiny, temperature):
+    """No top-k, top-p or other warper: the first sampled token follows softmax(logits / T) over the
+    whole vocabulary (generate() with top_k unset would never draw more than 50 distinct tokens)."""
+    model, tok = tiny
+    prompt = tok.encode("Recommend movies like Heat (1995)")
+    torch.manual_seed(0)
+    draws = [c[0] for c in rg.sample(model, [prompt], 4000, 1, [], tok.pad_token_id,
+                                     temperature)]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1)
+    freq = torch.bincount(torch.tensor(draws), minlength=probs.numel()).float() / len(draws)
+    outside = ~torch.isin(torch.tensor(draws), probs.topk(50).indices)
+    assert outside.float().mean().item() == pytest.approx(1 - probs.topk(50).values.sum().item(),
+                                                          abs=0.04)
+    assert 0.5 * (freq - probs).abs().sum() < 0.2  # total variation: ~0.12 from 4000 draws alone
+
+
+
+def plain_logprobs(model, prompt, completion, temperature=1.0):
+    """log pi of each completion token from the plain forward pass of the sequence alone."""
+    logits = model(torch.tensor([prompt + completion])).logits.float()[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits / temperature, -1).gather(
+        -1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+# prompts of different lengths (left-padded in one batch), shared by several completions
+PROMPTS = ["Heat (1995) is", "a much longer prompt about Alien (1979) and", "Heat (1995) is"]
+COMPLETIONS = [" Ronin (1998)\nJaws", " Heat (1995)\nX", "\nToy Story (1995)"]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("share", [True, False])
+def test_completion_logprobs_equal_the_plain_forward_pass(tiny, temperature, share):
+    model, tok = tiny
+    prompts, comps = [tok.encode(p) for p in PROMPTS], [tok.encode(c) for c in COMPLETIONS]
+    batch = rg.make_batch(prompts, comps, tok.pad_token_id)
+    assert batch.prompt_ids.shape[0] == 2 and batch.prompt_of.tolist() == [0, 1, 0]  # shared once
+    with torch.no_grad():
+        lp = rg.completion_logprobs(model, batch, temperature, share, chunk=3)
+        for i in range(3):
+            assert torch.allclose(lp[i, :len(comps[i])],
+                                  plain_logprobs(model, prompts[i], comps[i], temperature),
+                                  atol=1e-5)
+
+
+def test_shared_prompt_gradients_equal_the_plain_forward_pass(tiny):
+    model, tok = tiny
+    prompts, comps = [tok.encode(p) for p in PROMPTS], [tok.encode(c) for c in COMPLETIONS]
+    batch = rg.make_batch(prompts, comps, tok.pad_token_id)
+    weights = torch.rand(batch.completion_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def grads(fn):
+        model.zero_grad()
+        fn().backward()
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out
+
+    plain = grads(lambda: sum((plain_logprobs(model, p, c) * weights[i, :len(c)]).sum()
+                              for i, (p, c) in enumerate(zip(prompts, comps))))
+    for share in (True, False):
+        got = grads(lambda: (rg.completion_logprobs(model, batch, share_prompts=share, chunk=4)
+                             * weights * batch.completion_mask).sum())
+        for a, b in zip(got, plain):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_token_logprob_backward_is_the_gradient_of_the_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (2, 3), generator=g)
+    for t in (1.0, 0.7):
+        assert torch.autograd.gradcheck(lambda h, w: rg.TokenLogprob.apply(h, w, y, t), (h, w))
+
+
 # --- 7. smoke runs --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, demo_data):
     """The tiny model after a few seconds of fitting one list after the demo prompts, so that its
     samples have several lines: items beyond N = 1 (overflow, eps_o) give every step a gradient."""
-    model, tok = common.load_model("tiny")
+    model, tok = common.load_model(TINY)
     listing = tok.encode("Heat (1995)\nAlien (1979)\nJaws (1975)\nRocky (1976)\nGravity (2013)")
     rows = common.read_rows(demo_data / "train.jsonl", "")[:4]
     prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], 2048)

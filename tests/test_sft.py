@@ -1,6 +1,5 @@
 """03_sft.py: completion-only loss, token-normalised accumulation, exact resume, smoke run."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import ROOT, stage
+from conftest import ROOT, stage, TINY
+from tiny import build_model
 
 sft = stage("03_sft")
 
@@ -32,7 +32,7 @@ def one_thread():
 
 def fresh_model(tok):
     """A new tiny model with the same initial weights each time (the session's `tiny` is shared)."""
-    return common.build_tiny_model(len(tok), seed=0)
+    return build_model(len(tok), seed=0)
 
 
 def examples(tok, specs):
@@ -92,14 +92,13 @@ def test_long_sequences_lose_the_end_of_the_completion_not_the_prompt(tiny):
     assert n_cut == 1 and cut.prompt == whole.prompt and cut.completion == whole.completion[:7]
 
 
-def test_collate_pads_prompts_left_completions_right_masks_from_lengths():
-    pad = 2  # pad == EOS, as in SmolLM2: the EOS of a completion must stay in the mask
+def test_collate_pads_right_and_marks_the_positions_that_predict_completion_tokens():
+    pad = 2  # pad == EOS, as in SmolLM2: the EOS of a completion must stay a target
     exs = [sft.Example([5, 6, 7], [8, 2]), sft.Example([9], [10, 11, 2])]
-    b = sft.collate(exs, pad)
-    assert (b.prompt_ids.tolist() == [[5, 6, 7], [2, 2, 9]]
-            and b.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]])
-    assert b.completion_ids.tolist() == [[8, 2, 2], [10, 11, 2]]
-    assert b.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    ids, attn, predicts = sft.collate(exs, pad)
+    assert ids.tolist() == [[5, 6, 7, 8, 2], [9, 10, 11, 2, 2]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert predicts.int().tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
 
 
 # --- the loss (Eq. 2) -----------------------------------------------------------------------------
@@ -113,9 +112,8 @@ SPECS = [("Movies like Heat?", MOVIES[1:4]),
 def test_loss_is_the_completion_nll_of_each_sequence_alone(tiny):
     _, tok = tiny
     model, exs = fresh_model(tok), examples(tok, SPECS)
-    b = sft.collate(exs, tok.pad_token_id)
     with torch.no_grad():
-        got = sft.completion_nll(common.completion_logprobs(model, b), b.completion_mask)
+        got = sft.completion_nll(model, *sft.collate(exs, tok.pad_token_id), chunk=5)
         want = 0.0
         for e in exs:  # plain forward pass, no padding, completion positions only
             logp = torch.log_softmax(model(torch.tensor([e.prompt + e.completion])).logits[0], -1)
@@ -136,36 +134,30 @@ def test_prompt_and_padding_positions_carry_no_loss(tiny):
         captured["h"] = output
 
     handle = model.model.norm.register_forward_hook(keep)
-    b = sft.collate(exs, tok.pad_token_id)
-    loss = sft.completion_nll(common.completion_logprobs(model, b, share_prompts=False),
-                              b.completion_mask)
-    loss.backward()
+    sft.completion_nll(model, *sft.collate(exs, tok.pad_token_id), chunk=7).backward()
     handle.remove()
-    has_grad = captured["h"].grad.abs().sum(-1) > 0  # [B, P + T]: the sequences run whole
-    L, T = has_grad.shape[1], b.completion_mask.shape[1]
+    has_grad = captured["h"].grad.abs().sum(-1) > 0  # [B, L]: right-padded sequences
     for i, e in enumerate(exs):
-        want = torch.zeros(L, dtype=torch.bool)
-        want[L - T - 1:L - T - 1 + len(e.completion)] = True
+        want = torch.zeros(has_grad.shape[1], dtype=torch.bool)
+        want[len(e.prompt) - 1:len(e.prompt) + len(e.completion) - 1] = True
         assert torch.equal(has_grad[i], want)
 
 
 def test_padding_ids_change_nothing_completion_ids_change_the_loss(tiny):
     _, tok = tiny
     model, exs = fresh_model(tok), examples(tok, SPECS)
-    b = sft.collate(exs, tok.pad_token_id)
+    ids, attn, predicts = sft.collate(exs, tok.pad_token_id)
 
-    def loss(prompt_ids, completion_ids):
-        changed = dataclasses.replace(b, prompt_ids=prompt_ids, completion_ids=completion_ids)
+    def loss(ids):
         with torch.no_grad():
-            return sft.completion_nll(common.completion_logprobs(model, changed), b.completion_mask)
+            return sft.completion_nll(model, ids, attn, predicts)
 
-    base = loss(b.prompt_ids, b.completion_ids)
-    pads = (b.prompt_ids.masked_fill(b.prompt_mask == 0, 37),
-            b.completion_ids.masked_fill(b.completion_mask == 0, 37))
-    assert torch.allclose(loss(*pads), base, rtol=1e-6)  # any id in the padding, left or right
-    other = b.completion_ids.clone()
-    other[0, 0] = 37 if other[0, 0] != 37 else 38  # the first completion token
-    assert not torch.allclose(loss(b.prompt_ids, other), base)
+    base = loss(ids)
+    assert torch.allclose(loss(ids.masked_fill(attn == 0, 37)), base, rtol=1e-6)  # any pad id
+    other = ids.clone()
+    first = len(exs[0].prompt)  # the first completion token
+    other[0, first] = 37 if other[0, first] != 37 else 38
+    assert not torch.allclose(loss(other), base)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tiny):
@@ -184,9 +176,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny):
     model = fresh_model(tok)
     ordered = sorted(exs, key=lambda e: len(e.prompt) + len(e.completion))
     for s in range(0, 8, 2):
-        b = sft.collate(ordered[s:s + 2], tok.pad_token_id)
-        nll = sft.completion_nll(common.completion_logprobs(model, b), b.completion_mask)
-        (nll / b.completion_mask.sum() / 4).backward()
+        ids, attn, predicts = sft.collate(ordered[s:s + 2], tok.pad_token_id)
+        (sft.completion_nll(model, ids, attn, predicts) / predicts.sum() / 4).backward()
     wrong = [p.grad for p in model.parameters()]
     assert not all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[8], wrong))
 
@@ -223,7 +214,7 @@ def test_batches_cover_every_row_once_per_epoch_and_span_epochs():
 # --- runs -----------------------------------------------------------------------------------------
 
 def run_args(data, out, *extra):
-    return ["--model", "tiny", "--data-dir", str(data), "--out", str(out), "--eval-gen", "0",
+    return ["--model", TINY, "--data-dir", str(data), "--out", str(out), "--eval-gen", "0",
             *extra]
 
 
@@ -249,13 +240,13 @@ def test_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path, monkeypat
     monkeypatch.setattr(sft, "accumulate_gradients", real)
     assert ([r["step"] for r in common.read_jsonl(tmp_path / "crashed" / "log.jsonl")]
             == [1, 2, 2, 3])
-    at_step_2 = load_file(tmp_path / "crashed" / "checkpoint" / "model.safetensors")
+    at_step_2 = torch.load(tmp_path / "crashed" / "ckpt.pt", weights_only=True)["model"]
     sft.main(run_args(data, tmp_path / "crashed", *args, "--resume"))
 
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "crashed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], at_step_2[k]) for k in a)  # steps 3-4 did move the weights
+    assert not all(torch.equal(a[k], at_step_2[k]) for k in a if k in at_step_2)  # steps 3-4 did move the weights
     log_a = common.read_jsonl(tmp_path / "straight" / "log.jsonl")
     log_b = common.read_jsonl(tmp_path / "crashed" / "log.jsonl")
     assert [r["step"] for r in log_b] == [1, 2, 2, 3, 4, 4]
@@ -278,8 +269,8 @@ def test_resume_refuses_other_settings_and_stale_checkpoints(tmp_path):
     # a fresh run in the same directory drops the old run's checkpoint, so --resume cannot mix them
     sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
                       "--save-every", "0", "--eval-every", "0", "--overwrite"))
-    assert not (tmp_path / "run" / "checkpoint").exists()
-    with pytest.raises(common.DataError, match="no complete checkpoint to resume from"):
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    with pytest.raises(common.DataError, match="no checkpoint to resume from"):
         sft.main(run_args(data, tmp_path / "run", "--steps", "1", "--batch-size", "2",
                           "--save-every", "0", "--eval-every", "0", "--resume"))
 
@@ -287,7 +278,7 @@ def test_resume_refuses_other_settings_and_stale_checkpoints(tmp_path):
 def test_smoke_loss_falls_model_reloads_and_generates(tmp_path, capsys):
     data = sft_data(tmp_path / "data", n_rows=4)
     out = tmp_path / "run"
-    sft.main(["--model", "tiny", "--data-dir", str(data), "--out", str(out), "--steps", "100",
+    sft.main(["--model", TINY, "--data-dir", str(data), "--out", str(out), "--steps", "100",
               "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-2", "--eval-every", "100",
               "--eval-gen", "2", "--val-limit", "2", "--save-every", "0"])
     log = common.read_jsonl(out / "log.jsonl")
@@ -300,19 +291,19 @@ def test_smoke_loss_falls_model_reloads_and_generates(tmp_path, capsys):
     assert set(evals[0]) >= {"val_loss", "val_recall@5", "val_ndcg@5", "val_in_catalog",
                              "val_valid"}
     assert json.loads((out / "run_config.json").read_text())["steps"] == 100
-    assert not (out / "checkpoint").exists()
+    assert not (out / "ckpt.pt").exists()
     printed = capsys.readouterr().out
     assert "step 100/100 | loss" in printed and "sample val0#0" in printed
 
     model, tok = common.load_model(str(out))
-    rows = common.read_rows(data / "sft_train.jsonl", "", need_completion=True)
+    rows = common.read_rows(data / "sft_train.jsonl", "", sft.check_demonstration)
     texts = common.generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=60)
     assert sum(t == r["completion"][0]["content"] for t, r in zip(texts, rows)) >= 3  # memorised
 
 
 def test_missing_input_is_one_line_and_exit_2(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "03_sft.py"),
-                          "--data-dir", str(tmp_path / "none"), "--model", "tiny"],
+                          "--data-dir", str(tmp_path / "none"), "--model", TINY],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0

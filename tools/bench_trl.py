@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import common  # noqa: E402
+import tiny  # noqa: E402  (the test suite's tiny model)
 
 rg = importlib.import_module("04_rank_grpo")
 
@@ -38,8 +40,8 @@ def save_random_model(arch: str, out: Path) -> None:
     """A randomly initialised model of `arch` and a real tokenizer of its vocabulary, in `out`."""
     import transformers
     if arch == "tiny":
-        tok = common.build_tiny_tokenizer()
-        model = common.build_tiny_model(len(tok))
+        tok = tiny.build_tokenizer()
+        model = tiny.build_model(len(tok))
     else:
         tok = transformers.AutoTokenizer.from_pretrained(common._smollm2_dir())  # SmolLM2's own
         cls_name, shape = rg.ARCHS[arch]
