@@ -98,6 +98,7 @@ class Config:
     adjust: bool = arg(True, "Eq. 12-13; --no-adjust skips it")
     seed: int = arg(0, "seed of the conversation sample and of teacher sampling")
     cpu: bool = arg(False, "run the local teacher and the embedder on the CPU")
+    bf16: bool = arg(True, "a local teacher in bf16 on CUDA (--no-bf16: fp32); a CPU runs fp32")
     trust_remote_code: bool = arg(False, "allow custom model code for --teacher-model / --embedder")
 
 
@@ -620,7 +621,7 @@ class Teacher:
         return [self.cache[k] for k in keys]
 
 
-def local_answers(name: str, device: torch.device, batch_size: int,
+def local_answers(name: str, device: torch.device, batch_size: int, bf16: bool = True,
                   trust_remote_code: bool = False) -> Answer:
     """A model run in-process with common.generate; loaded on the first request only, so a run
     whose replies are all cached never loads it."""
@@ -628,8 +629,8 @@ def local_answers(name: str, device: torch.device, batch_size: int,
 
     def answer(prompts: list, sampling: dict) -> Iterator[tuple[int, str]]:
         if not loaded:
-            loaded.extend(common.load_model(name, device=device,
-                                            trust_remote_code=trust_remote_code))
+            loaded.extend(common.load_model(name, common.inference_dtype(device, bf16), device,
+                                            trust_remote_code))
         order = sorted(range(len(prompts)), key=lambda i: len(json.dumps(prompts[i])))
         for start in range(0, len(order), batch_size):  # similar lengths: little padding
             idx = order[start:start + batch_size]
@@ -792,7 +793,8 @@ def open_teacher(cfg: Config, data: Path, device: torch.device) -> Teacher:
     where = safe_url(cfg.teacher) if cfg.teacher else f"local, on {device}"
     print(f"teacher: {cfg.teacher_model} ({where}); cache {data / 'teacher_cache.jsonl'}")
     answer = (remote_answers(cfg) if cfg.teacher else
-              local_answers(cfg.teacher_model, device, cfg.batch_size, cfg.trust_remote_code))
+              local_answers(cfg.teacher_model, device, cfg.batch_size, cfg.bf16,
+                            cfg.trust_remote_code))
     return Teacher(cfg.teacher_model, answer, data / "teacher_cache.jsonl")
 
 

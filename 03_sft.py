@@ -88,6 +88,8 @@ class Config:
                                  within="[1, inf)")
     grad_checkpointing: bool = arg(False, "recompute activations in backward: less memory, more "
                                    "time")
+    fsdp: bool = arg(False, "under torchrun: split parameters, gradients and optimizer state over "
+                     "the processes (FSDP2)")
     eval_every: int = arg(55, "validation every this many steps, and at the last step (0: never)",
                           within="[0, inf)")
     val_limit: int = arg(16, "validation rows for the validation loss", within="[1, inf)")
@@ -163,7 +165,7 @@ def completion_nll(model, ids: torch.Tensor, attn: torch.Tensor, predicts: torch
     output layer, `chunk` at a time and recomputed in backward (activation checkpointing), so no
     [tokens, V] logits are kept for backward: with a 150k vocabulary they would outweigh the
     model."""
-    hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state  # [B, L, H]
+    hidden = common.hidden_states(model, input_ids=ids, attention_mask=attn)  # [B, L, H]
     h, y = hidden[:, :-1][predicts[:, :-1]], ids[:, 1:][predicts[:, :-1]]  # [n, H], [n]
     head = model.get_output_embeddings()
 
@@ -192,6 +194,7 @@ def accumulate_gradients(model, batch: list[Example], micro_batch_size: int, pad
         ids, attn, predicts = (t.to(device) for t in collate(batch[s:s + micro_batch_size], pad_id))
         with common.autocast(device, amp):
             nll = completion_nll(model, ids, attn, predicts)
+        common.sync_grads(model, last=s + micro_batch_size >= len(batch))
         (nll / n_comp).backward()
         total += nll.detach()
     return total, sum(len(e.completion) for e in batch), n_all
@@ -252,9 +255,12 @@ def validate(model, tok, val: list[Example], gen_rows: list[dict], catalog, cfg:
     scored like 05_eval.py (one printed)."""
     record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size, tok.pad_token_id, amp)}
     if gen_rows:
-        texts = common.generate(model, tok, [r["prompt"] for r in gen_rows], max_new,
-                                batch_size=cfg.eval_batch_size,
-                                max_prompt_tokens=cfg.max_prompt_tokens, progress="val generate")
+        device = next(model.parameters()).device
+        with common.autocast(device, amp and device.type == "cuda"):  # CPU: fp32 decodes faster
+            texts = common.generate(model, tok, [r["prompt"] for r in gen_rows], max_new,
+                                    batch_size=cfg.eval_batch_size,
+                                    max_prompt_tokens=cfg.max_prompt_tokens,
+                                    progress="val generate")
         record.update(generation_metrics(texts, gen_rows, catalog, cfg.n_items))
         print(common.render_list(texts[0], gen_rows[0], catalog, cfg.n_items))
     return record
@@ -293,6 +299,8 @@ def encode_all(tok, train_rows: list[dict], val_rows: list[dict],
     print(f"training sequences: {mean_len:.0f} tokens on average"
           + (f"; {n_cut} longer than --max-len {cfg.max_len}: their completions were cut (no EOS)"
              if n_cut else ""))
+    print(f"{cfg.steps} steps x {cfg.batch_size} sequences = "
+          f"{cfg.steps * cfg.batch_size / len(train):.2f} epochs of {len(train)} rows")
     return train, val
 
 
@@ -335,7 +343,6 @@ def main(argv=None) -> None:
     if cfg.max_prompt_tokens >= cfg.max_len:
         raise common.DataError(f"--max-prompt-tokens {cfg.max_prompt_tokens} leaves no room for a "
                                f"completion in --max-len {cfg.max_len}")
-
     # 1. The demonstrations (and the catalog, to score generated lists). Several processes
     # (torchrun): each takes every world-th sequence of a step; rank 0 logs and saves.
     train_rows, val_rows = read_demonstrations(cfg, data)
@@ -357,55 +364,57 @@ def main(argv=None) -> None:
     if rank == 0:  # only now that everything it needs has loaded: a failure above writes nothing
         common.start_run(out, cfg, cfg.resume, TRAJECTORY, cfg.overwrite)
     common.barrier()
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters | device {device} x {world} | weights fp32 | bf16 autocast {amp} | "
+          f"gradient checkpointing {cfg.grad_checkpointing} | FSDP {cfg.fsdp}")
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(model)
-    model.train()
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters | device {device} x {world} | weights fp32 | bf16 autocast "
-          f"{'on' if amp else 'off'} | gradient checkpointing "
-          f"{'on' if cfg.grad_checkpointing else 'off'}")
+    if cfg.fsdp:
+        common.shard(model)
+    model.train()  # from_pretrained hands it over in eval mode
     train, val = encode_all(tok, train_rows, val_rows, cfg)
     gen_rows = common.first_conversations(val_rows, cfg.eval_gen) if cfg.eval_gen else []
     max_new = cfg.max_new_tokens or int(1.5 * max(len(e.completion) for e in train))
 
     # 3. Optimizer, schedule and where the run stands (step 0, or the checkpoint's).
     optimizer, scheduler, state = make_optimizer(cfg, model, out)
-    print(f"{cfg.steps} steps x {cfg.batch_size} sequences = "
-          f"{cfg.steps * cfg.batch_size / len(train):.2f} epochs of {len(train)} rows; "
-          f"writing {out}/")
 
     # 4. Train: one optimizer step = accumulate over micro-batches, clip, step, zero_grad.
-    start = time.time() - state["elapsed"]
-    for step in range(state["step"] + 1, cfg.steps + 1):
-        t0 = time.time()
-        idx, state["epoch"], state["pos"] = next_batch(len(train), cfg.batch_size, cfg.seed,
-                                                       state["epoch"], state["pos"])
-        lr = scheduler.get_last_lr()[0]
-        n_comp = sum(len(train[i].completion) for i in idx)  # every process knows the whole batch
-        nll, grad_norm, n_all = train_step(model, optimizer, scheduler,
-                                           [train[i] for i in idx[rank::world]], n_comp, cfg,
-                                           tok.pad_token_id, amp, step)
-        state["step"], state["elapsed"] = step, time.time() - start
-        if rank == 0:
-            record = {"loss": nll / n_comp, "lr": lr, "grad_norm": grad_norm,
-                      "tok/s": n_all / (time.time() - t0),
-                      "epoch": state["epoch"] + state["pos"] / len(train),
-                      "elapsed": state["elapsed"]}
-            common.log_step(out, step, cfg.steps, record, SHOW)
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                record = validate(model, tok, val, gen_rows, catalog, cfg, amp, max_new)
+    try:
+        start = time.time() - state["elapsed"]
+        for step in range(state["step"] + 1, cfg.steps + 1):
+            t0 = time.time()
+            idx, state["epoch"], state["pos"] = next_batch(len(train), cfg.batch_size, cfg.seed,
+                                                           state["epoch"], state["pos"])
+            lr = scheduler.get_last_lr()[0]
+            n_comp = sum(len(train[i].completion) for i in idx)  # every process knows all of it
+            nll, grad_norm, n_all = train_step(model, optimizer, scheduler,
+                                               [train[i] for i in idx[rank::world]], n_comp, cfg,
+                                               tok.pad_token_id, amp, step)
+            state["step"], state["elapsed"] = step, time.time() - start
+            if rank == 0:
+                record = {"loss": nll / n_comp, "lr": lr, "grad_norm": grad_norm,
+                          "tok/s": n_all / (time.time() - t0),
+                          "epoch": state["epoch"] + state["pos"] / len(train),
+                          "elapsed": state["elapsed"]}
                 common.log_step(out, step, cfg.steps, record, SHOW)
-        if cfg.save_every and step % cfg.save_every == 0:
-            state["elapsed"] = time.time() - start
-            common.save_checkpoint(out, model, optimizer, scheduler, state)
-        common.barrier()
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                with common.gathered(model):  # rank 0 validates, the others wait
+                    if rank == 0:
+                        record = validate(model, tok, val, gen_rows, catalog, cfg, amp, max_new)
+                        common.log_step(out, step, cfg.steps, record, SHOW)
+            if cfg.save_every and step % cfg.save_every == 0:
+                state["elapsed"] = time.time() - start
+                common.save_checkpoint(out, model, optimizer, scheduler, state)
+            common.barrier()
+    except KeyboardInterrupt:
+        raise common.interrupted(out) from None  # one line: how to resume
 
     # 5. The final model, where 04_rank_grpo.py and 05_eval.py load it from.
+    common.save_model(model, tok, out)
     if rank == 0:
-        common.save_model(model, tok, out)
         print(f"wrote {out}/ (model, tokenizer, run_config.json, log.jsonl"
               + (", ckpt.pt)" if (out / "ckpt.pt").exists() else ")"))
-    common.barrier()
 
 
 # The printed step line and its number formats (every number also goes to log.jsonl).

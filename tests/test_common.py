@@ -351,11 +351,15 @@ def test_greedy_generation_is_the_argmax_of_the_plain_forward_pass_and_stops_at_
 def test_rows_sharing_a_prompt_are_generated_once_and_handed_back_in_order(tiny, monkeypatch):
     model, tok = tiny
     a, b = common.task_prompt("short", 3), common.task_prompt("a much longer thread " * 5, 3)
-    calls = []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
-    got = common.generate(model, tok, [b, a, b, a, a], max_new_tokens=6, batch_size=8)
-    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 2  # each distinct prompt once
+    prefills = []  # the batches of prompts the model is given (later calls: one token a row)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: prefills.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1
+        else None, with_kwargs=True)
+    try:
+        got = common.generate(model, tok, [b, a, b, a, a], max_new_tokens=6, batch_size=8)
+    finally:
+        hook.remove()
+    assert len(prefills) == 1 and prefills[0][0] == 2  # each distinct prompt once
     alone = [common.generate(model, tok, [p], max_new_tokens=6)[0] for p in (a, b)]
     assert got == [alone[1], alone[0], alone[1], alone[0], alone[0]]
 

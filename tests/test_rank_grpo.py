@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import common
 from conftest import stage, TINY
@@ -161,7 +162,7 @@ def test_rewards_hand_computed():
     assert rg.rank_rewards(rel, "exp_inf").tolist() == [[1.0, 0.0, 1.0]]
     d = [1.0, 0.0, 1 / math.log2(4)]
     assert rg.rank_rewards(rel, "log")[0].tolist() == pytest.approx([d[0] + d[2], d[2], d[2]])
-    assert rg.rank_rewards(rel, "dcg")[0].tolist() == pytest.approx([common.dcg([1, 0, 1], 3)] * 3)
+    assert rg.rank_rewards(rel, "dcg")[0].tolist() == pytest.approx([1 + 1 / math.log2(4)] * 3)
 
 
 @pytest.mark.parametrize("kind", ["exp_inf", "log"])
@@ -176,7 +177,7 @@ def test_rewards_are_causal(kind):
 
 def test_dcg_reward_is_not_causal_but_equals_dcg_at_n():
     rel = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
-    assert rg.rank_rewards(rel, "dcg")[0, 3].item() == pytest.approx(common.dcg([0, 1, 1, 0], 4))
+    assert rg.rank_rewards(rel, "dcg")[0, 3].item() == pytest.approx(1 / math.log2(3) + 1 / math.log2(4))
 
 
 def test_rank_relevance_from_texts():
@@ -508,6 +509,141 @@ def test_token_logprob_backward_is_the_gradient_of_the_log_softmax():
     y = torch.randint(0, 7, (2, 3), generator=g)
     for t in (1.0, 0.7):
         assert torch.autograd.gradcheck(lambda h, w: rg.TokenLogprob.apply(h, w, y, t), (h, w))
+
+
+class HostSyncs(TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for the device: reading a value
+    (.item, int(), bool(), .tolist, .cpu), nonzero, and indexing with a boolean mask."""
+
+    READS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__",
+             "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else ()
+        masks = [i for i in (index if isinstance(index, tuple) else (index,))
+                 if isinstance(i, torch.Tensor) and i.dtype == torch.bool]
+        self.n += name in self.READS or bool(masks)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sampling_syncs_the_host_once_a_token_plus_once_a_compaction(tiny, monkeypatch):
+    """A GPU runs ahead of the host until the host reads a value: the loop reads one per token
+    (are all done?), and one more to compact the batch, which happens only once a quarter of it
+    has finished (not for every finished row)."""
+    model, tok = tiny
+    prompts = [tok.encode("Heat (1995) and"), tok.encode("a longer prompt about Jaws (1975) and")]
+    compactions, select = [], rg.BufferCache.select
+    monkeypatch.setattr(rg.BufferCache, "select",
+                        lambda self, rows: compactions.append(len(rows)) or select(self, rows))
+
+    def syncs(n_tokens, eos):
+        compactions.clear()
+        torch.manual_seed(0)
+        with HostSyncs() as mode:
+            out = rg.sample(model, prompts, 8, n_tokens, eos, tok.pad_token_id)
+        return mode.n, len(compactions) - 1, out  # the first select repeats the prompts
+
+    base, _, _ = syncs(1, [])
+    n, compacted, _ = syncs(40, [])  # nothing finishes
+    assert compacted == 0 and n - base <= 39
+    eos = list(range(0, len(tok), 9))  # about one token in nine ends a sample
+    n, compacted, out = syncs(40, eos)
+    finished = sum(bool(c) and c[-1] in eos for c in out)
+    assert finished >= 8 and 1 <= compacted < finished
+    assert n - base <= 39 + compacted
+    assert all(c[-1] in eos or len(c) == 40 for c in out)
+    assert all(t not in eos for c in out for t in c[:-1])  # each ends at its first EOS
+
+
+def test_the_reference_pass_runs_each_prompt_once_under_activation_checkpointing(tiny):
+    """--grad-checkpointing drops the shared prompt from the training pass only: the reference
+    log-probs still run each distinct prompt once, and equal those of the sequences run whole."""
+    model, tok = tiny
+    policy, ref = copy.deepcopy(model), copy.deepcopy(model).eval().requires_grad_(False)
+    common.enable_activation_checkpointing(policy)
+    cfg = rg.resolve(rg.Config(group_size=4, max_new_tokens=6, micro_batch_size=8, lr=1e-4,
+                               grad_checkpointing=True, bf16=False), 2)
+    prompts = [tok.encode("Heat (1995) and a longer"), tok.encode("Alien")]
+    fed, seen = [], {}
+    hook = ref.model.embed_tokens.register_forward_hook(lambda m, a, out: fed.append(a[0].shape))
+    loss = rg.rank_grpo_loss
+
+    def recording(*args, **kwargs):  # keeps the reference log-probs the loss is given
+        seen.setdefault("ref", args[2])
+        return loss(*args, **kwargs)
+    rg.rank_grpo_loss = recording
+    try:
+        torch.manual_seed(0)
+        _, ro, _ = rg.rl_step(cfg, policy, ref, torch.optim.AdamW(policy.parameters()), tok,
+                              common.Catalog([{"title": "Heat", "year": 1995}]), prompts,
+                              [{"id": f"c{i}#0", "seen_titles": [],
+                                "groundtruth_with_release_year": [["Heat", "1995"]]}
+                               for i in range(2)], rg.newline_table(tok, len(tok)))
+    finally:
+        hook.remove()
+        rg.rank_grpo_loss = loss
+    batch = rg.make_batch(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    assert fed == [(2, P), (8, T)]  # 2 distinct prompts, then 8 completions on their cache
+    with torch.no_grad():
+        whole = rg.completion_logprobs(ref, batch, share_prompts=False)
+    assert torch.allclose(seen["ref"], whole, atol=1e-5)
+
+
+def test_the_loss_example_of_docs_loss_md_is_rl_steps(tiny, monkeypatch):
+    """docs/loss.md's example runs as written, and on a real batch of 2 prompts x 4 samples gives
+    the loss rl_step computes (so its normaliser, among the rest, cannot drift)."""
+    from conftest import ROOT
+    _, toy, example = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "loss.md").read_text(),
+                                 re.S)
+    ns: dict = {}
+    exec(toy + example, ns)
+    assert torch.isfinite(ns["loss"]) and ns["logp"].grad is not None
+    model, tok = tiny
+    texts = ["Heat (1995)\nAlien (1979)", "x\nHeat (1995)", "Alien (1979)", "a\nb\nc",
+             "Heat (1995)\nJaws (1975)", "Alien (1979)\nHeat (1995)", "q", "Heat (1995)\nr"]
+    prompts = [tok.encode("Heat (1995) and"), tok.encode("Alien")]
+    rows = [{"id": f"c{i}#0", "seen_titles": [],
+             "groundtruth_with_release_year": [["Heat", "1995"], ["Alien", "1979"]]}
+            for i in range(2)]
+    ro = rg.Rollouts([p for p in prompts for _ in range(4)],
+                     [tok.encode(t) + [tok.eos_token_id] for t in texts], [True] * 8, texts,
+                     [r for r in rows for _ in range(4)])
+    monkeypatch.setattr(rg, "sample_rollouts", lambda *a, **k: ro)
+    seen, loss_fn = {}, rg.rank_grpo_loss
+
+    def recording(*args, **kwargs):
+        loss, stats = loss_fn(*args, **kwargs)
+        seen.update(args=args, kwargs=kwargs)
+        return loss, stats
+    monkeypatch.setattr(rg, "rank_grpo_loss", recording)
+    cfg = rg.resolve(rg.Config(group_size=4, micro_batch_size=8, bf16=False, lr=1e-4), 2)
+    catalog = common.Catalog([{"title": t, "year": y} for t, y in
+                              (("Heat", 1995), ("Alien", 1979), ("Jaws", 1975))])
+    rg.rl_step(cfg, copy.deepcopy(model), copy.deepcopy(model), torch.optim.SGD(
+        model.parameters(), lr=0.0), tok, catalog, prompts, rows, rg.newline_table(tok, len(tok)))
+    monkeypatch.undo()  # the example calls the real loss
+    batch = rg.make_batch(ro.prompt_ids, ro.completion_ids, tok.pad_token_id)
+    lengths = batch.completion_mask.sum(1)
+    ns = {"rg": rg, "G": 4, "N": 2, "B": 8, "mask": batch.completion_mask,
+          "eos_tok": torch.arange(batch.completion_ids.shape[1]) == lengths[:, None] - 1,
+          "nl_tok": rg.newline_table(tok, len(tok))[batch.completion_ids],
+          "rel": rg.rank_relevance(ro.texts, ro.rows, catalog, 2),
+          "logp": seen["args"][0].detach().requires_grad_(), "logp_ref": seen["args"][2]}
+    assert ns["rel"].sum() > 0  # some ranks are hits: advantages of both signs
+    exec(example, ns)
+    # rl_step's loss on its own inputs; the gradient tells the scale of the policy term apart
+    # (the value hardly does: on-policy, the normalised advantages of a rank sum to zero)
+    logp = seen["args"][0].detach().requires_grad_()
+    loss, _ = loss_fn(logp, *seen["args"][1:], **seen["kwargs"])
+    loss.backward()
+    assert torch.allclose(ns["loss"].detach(), loss.detach())
+    assert logp.grad.abs().sum() > 0 and torch.allclose(ns["logp"].grad, logp.grad)
 
 
 # --- 7. smoke runs --------------------------------------------------------------------------------
