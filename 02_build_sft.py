@@ -548,11 +548,8 @@ def main(argv=None) -> dict:
 
 
 # --- 9. The teacher client: chat(messages) -> str, every reply cached on disk ---------------------
-# A local model, or an OpenAI-compatible server (HTTP, retries, threads); the API key is never
-# printed or stored.
-
-# A backend answers a list of prompts and yields (index, reply) as each reply arrives.
-Answer = Callable[[list, dict], Iterator[tuple[int, str]]]
+# A local model, or an OpenAI-compatible server (HTTP, retries, threads); the key is never shown.
+Answer = Callable[[list, dict], Iterator[tuple[int, str]]]  # yields (index, reply) as they come
 MAX_WAIT = 300.0  # the longest Retry-After we honour, in seconds
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection; waiting for the reply is --timeout
 

@@ -6,7 +6,6 @@ learns the output format (N lines of 'Title (Year)', then EOS) and the catalog; 
 starts from the result and also uses it as the frozen KL reference.
 
   python 03_sft.py                    # CPU demo: smollm2, 110 steps x 8 sequences, ~19 min
-  python 03_sft.py --model tiny --steps 5 --out runs/sft_tiny --eval-gen 4     # smoke run, seconds
   python 03_sft.py --resume           # continue from runs/sft/ckpt.pt, same flags
 
 The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; one GPU, bf16 autocast, fp32
@@ -61,7 +60,7 @@ from common import arg
 class Config:
     data_dir: str = arg("data", "where sft_{train,val}.jsonl (02) and catalog.jsonl (01) are")
     out: str = arg("runs/sft", "run directory: the model, run_config.json, log.jsonl, ckpt.pt")
-    model: str = arg("smollm2", "start model: smollm2, tiny, an HF directory or a hub id")
+    model: str = arg("smollm2", "start model: smollm2, an HF directory or a hub id")
     trust_remote_code: bool = arg(False, "let transformers run code shipped with a hub model")
     n_items: int = arg(0, "N, the list length, for --eval-gen scoring; 0: what 01_catalog.py wrote",
                        within="[0, inf)")

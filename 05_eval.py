@@ -67,7 +67,7 @@ RUNS = {"sft": "run 03_sft.py first", "rank_grpo": "run 04_rank_grpo.py first",
 @dataclass
 class Config:
     models: list[str] = arg([], "models: popularity (the floor: no model), smollm2 (zero-shot), "
-                                "tiny, a run directory (runs/sft), an HF directory or hub id; "
+                                "a run directory (runs/sft), an HF directory or hub id; "
                                 "none: popularity and whichever of runs/{sft,rank_grpo,grpo} "
                                 "exist")
     data_dir: str = arg("data", "where catalog.jsonl and {val,test}.jsonl are (from 01_catalog.py)")
@@ -95,7 +95,7 @@ class Config:
 def resolve_model(spec: str) -> tuple[str, str]:
     """(evaluation name, what load_model gets) for one --models entry; a bad entry stops here,
     before any model is loaded, so a typo in the last model does not cost the first one's run."""
-    if spec in ("smollm2", "tiny", "popularity"):
+    if spec in ("smollm2", "popularity"):
         return spec, spec
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -105,10 +105,13 @@ def resolve_model(spec: str) -> tuple[str, str]:
         return path.resolve().name, str(path.resolve())
     # Anything that is neither a directory nor an owner/name hub id is a missing directory, and so
     # is a stage's run name (no 50 s of hub retries offline).
-    if not common.looks_like_hub_id(spec) or path.name in RUNS:
+    first = spec.split("/")[0]  # 'owner/name' that names no local directory: a hub id
+    hub_id = (spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and first != "runs"
+              and not Path(first).is_dir())
+    if not hub_id or path.name in RUNS:
         raise common.DataError(
             f"{spec}: no such model directory; "
-            f"{RUNS.get(path.name, 'give smollm2, tiny, a run directory or a hub id')}")
+            f"{RUNS.get(path.name, 'give smollm2, a run directory or a hub id')}")
     return spec.split("/")[-1], spec
 
 

@@ -499,13 +499,6 @@ def _smollm2_dir() -> Path:
     return out
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """'owner/name' that is no local path (a missing runs/sft is missing, not a hub id)."""
-    first = name.split("/")[0]
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and first != "runs"
-            and not Path(first).is_dir())
-
-
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
     """(model, tokenizer) of 'smollm2', an HF directory or a hub id (HF_HUB_OFFLINE=1: the local
@@ -515,7 +508,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own tqdm bars are the ones to watch
     path = str(_smollm2_dir()) if name == "smollm2" else name
-    if not Path(path).is_dir() and not looks_like_hub_id(path):
+    if not Path(path).is_dir() and path.count("/") != 1:  # neither a directory nor 'owner/name'
         raise DataError(f"{name}: no such model directory (models: smollm2, a directory, a hub id)")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
