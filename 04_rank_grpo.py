@@ -8,8 +8,10 @@ importance ratio (the geometric mean of the item's token ratios, clipped).
   python 04_rank_grpo.py                                   # CPU demo, from runs/sft
   python 04_rank_grpo.py --algo grpo --out runs/grpo       # the vanilla GRPO baseline, same budget
   python 04_rank_grpo.py --algo gspo --out runs/gspo       # GSPO (sequence-level ratio)
-  python 04_rank_grpo.py --model runs/sft --prompts-per-step 48 --group-size 8 --lr 1e-6 \\
-      --steps 1600 --max-new-tokens 1024 --micro-batch-size 16   # the paper's setting, one GPU
+  torchrun --nproc_per_node=4 04_rank_grpo.py --prompts-per-step 48 --group-size 8 --lr 1e-6 \\
+      --steps 1600 --max-new-tokens 1024 --micro-batch-size 16 --gen-batch-size 96 \\
+      --grad-checkpointing                           # the paper's setting on 4 GPUs (add --fsdp
+                                                     # for a model too large for one GPU)
 
 Writes <out>/ (the policy as an HF directory), run_config.json, log.jsonl, ckpt.pt.
 
@@ -21,15 +23,14 @@ One step (`rl_step`), as in the paper's algorithm box:
   5. mu policy updates: micro-batches accumulate the gradient of Eq. 6 minus beta KL, then one step
 
 Notation in shape comments: B sequences (prompts x G), G samples per prompt, T completion tokens,
-N ranks asked for, V vocabulary. Where this differs from the paper and the released code: README,
-"Where we differ" (Rank-GRPO items).
+N ranks asked for, V vocabulary. Where this differs from the paper and the released code:
+docs/method.md, "Where this code differs" (items 8, 9, 11-14).
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -40,11 +41,6 @@ from transformers import Cache, DynamicCache, DynamicLayer
 
 import common
 from common import arg
-
-# transformers 5.24 renamed the argument `past_key_values` to `cache`; the old name works up to 5.40
-# and is the one every supported version understands.
-warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
-                        category=FutureWarning)
 
 # (ratio level, reward, eps_low, eps_high) of each algorithm, as the paper runs them
 ALGOS = {

@@ -16,12 +16,18 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# transformers 5.24 renamed the argument `past_key_values` to `cache`; the old name works up to 5.40
+# and is the one every supported version (5.0-5.24) understands.
+warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated",
+                        category=FutureWarning)
 
 N_ITEMS = 20  # N, the length of the list (Eq. 1); the CPU demo world uses 10
 YEAR_TOLERANCE = 2  # a generated year may differ from the true one by up to 2

@@ -435,3 +435,10 @@ def test_start_run_refuses_a_resume_that_changes_the_trajectory(tmp_path):
     common.start_run(tmp_path, C(steps=20), resume=True, trajectory=("lr",))  # steps may change
     with pytest.raises(common.DataError, match="--lr 1e-05 \\(now 0.001\\)"):
         common.start_run(tmp_path, C(lr=1e-3), resume=True, trajectory=("lr",))
+
+
+def test_models_that_only_run_forward_hold_bf16_weights_on_cuda_only():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert common.inference_dtype(cuda, True) == torch.bfloat16
+    assert common.inference_dtype(cuda, False) == torch.float32  # --no-bf16
+    assert common.inference_dtype(cpu, True) == torch.float32

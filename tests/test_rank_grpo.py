@@ -720,3 +720,23 @@ def test_missing_sft_run_is_a_clear_error(demo_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(common.DataError, match="run 03_sft.py first"):
         rg.main(["--data-dir", str(demo_data)])
+
+
+def test_the_benchmark_stops_samples_early_and_changes_prompt_widths(monkeypatch, capsys):
+    """The GPU benchmark's workload is realistic: completions end at EOS before the cap (so
+    finished rows leave the batch) and every step draws new prompt widths."""
+    widths = []
+    real_step = rg.rl_step
+
+    def spy(cfg, policy, ref, optimizer, tok, catalog, prompts, rows, nl_table):
+        widths.append(sorted(len(p) for p in prompts))
+        return real_step(cfg, policy, ref, optimizer, tok, catalog, prompts, rows, nl_table)
+
+    monkeypatch.setattr(rg, "rl_step", spy)
+    rg.main(["--benchmark", "tiny", "--prompts-per-step", "4", "--group-size", "4",
+             "--max-new-tokens", "24", "--benchmark-prompt-tokens", "40", "--benchmark-steps", "2",
+             "--micro-batch-size", "8", "--cpu"])
+    out = capsys.readouterr().out
+    lengths = [float(m) for m in re.findall(r"\| (\d+) new tokens per sample", out)]
+    assert len(lengths) == 3 and all(0 < x < 24 for x in lengths)
+    assert len(set(map(tuple, widths))) > 1 and all(30 <= w <= 40 for ws in widths for w in ws)
