@@ -8,8 +8,9 @@ starts from the result and also uses it as the frozen KL reference.
   python 03_sft.py                    # CPU demo: smollm2, 110 steps x 8 sequences, ~19 min
   python 03_sft.py --resume           # continue from runs/sft/ckpt.pt, same flags
 
-The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; one GPU, bf16 autocast, fp32
-master weights; 1,500 steps x 384 sequences = 576,000 sequences, about 6 passes over the rows):
+The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; bf16 autocast, fp32 master
+weights; 1,500 steps x 384 sequences = 576,000 sequences, about 6 passes over the rows; the paper
+trains on 4 GPUs: `torchrun --nproc_per_node=4 03_sft.py ...`, and `--fsdp` shards a larger model):
 
   python 03_sft.py --model Qwen/Qwen2.5-0.5B-Instruct --out runs/sft --steps 1500 \
       --batch-size 384 --micro-batch-size 16 --lr 5e-5 --warmup-frac 0.05 --max-len 1024 \
