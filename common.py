@@ -768,13 +768,14 @@ def start_run(out: Path, cfg: Any, resume: bool, trajectory: Sequence[str],
     write_json(out / "run_config.json", now)
 
 
-_saved: dict[str, int] = {}  # run directory -> step of the checkpoint last saved or loaded here
-
-
 def interrupted(out: Path) -> KeyboardInterrupt:
-    """What Ctrl-C says in a training run: the last checkpoint, and the command that resumes it."""
-    step = _saved.get(str(out))
-    if not step:
+    """What Ctrl-C says in a training run: the checkpoint on disk (read, since Ctrl-C may land in
+    the middle of saving one), and the command that resumes it."""
+    import pickle
+    try:  # mapped: only the small 'state' entry is read
+        step = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=True,
+                          mmap=True)["state"]["step"]
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError):
         return KeyboardInterrupt("no checkpoint yet")
     command = " ".join(["python", *sys.argv, *([] if "--resume" in sys.argv else ["--resume"])])
     return KeyboardInterrupt(f"the last checkpoint is {out}/ckpt.pt (step {step}); continue with "
@@ -791,7 +792,6 @@ def save_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler, sta
             torch.save({"model": weights, "optimizer": optimizer_state,
                         "scheduler": scheduler.state_dict(), "state": state}, tmp)
     barrier()
-    _saved[str(run_dir)] = state["step"]
 
 
 def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> dict:
@@ -809,7 +809,6 @@ def load_checkpoint(run_dir: str | os.PathLike, model, optimizer, scheduler) -> 
         raise DataError(f"{path}: damaged, or made for another model "
                         f"({str(e).strip().splitlines()[0][:120]})") from None
     scheduler.load_state_dict(ckpt["scheduler"])
-    _saved[str(run_dir)] = ckpt["state"]["step"]
     log = Path(run_dir) / "log.jsonl"
     if rank() == 0 and log.exists():  # what was logged after the checkpoint is done again
         kept = read_jsonl(log, skip_torn_tail=True)
