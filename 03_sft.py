@@ -5,7 +5,7 @@ cross-entropy on the completion tokens only: the prompt is the condition, not a 
 learns the output format (N lines of 'Title (Year)', then EOS) and the catalog; 04_rank_grpo.py
 starts from the result and also uses it as the frozen KL reference.
 
-  python 03_sft.py                    # CPU demo: smollm2, 110 steps x 8 sequences, ~19 min
+  python 03_sft.py                    # CPU demo: smollm2, 110 steps x 8 sequences, ~20 min
   python 03_sft.py --resume           # continue from runs/sft/ckpt.pt, same flags
 
 The paper's recipe (Qwen2.5-0.5B-Instruct, 95,753 SFT rows from 02; bf16 autocast, fp32 master
