@@ -256,7 +256,7 @@ def validate(model, tok, val: list[Example], gen_rows: list[dict], catalog, cfg:
     record = {"val_loss": validation_loss(model, val, cfg.eval_batch_size, tok.pad_token_id, amp)}
     if gen_rows:
         device = next(model.parameters()).device
-        with common.autocast(device, amp and device.type == "cuda"):  # CPU: fp32 decodes faster
+        with common.decode_autocast(device, amp):
             texts = common.generate(model, tok, [r["prompt"] for r in gen_rows], max_new,
                                     batch_size=cfg.eval_batch_size,
                                     max_prompt_tokens=cfg.max_prompt_tokens,

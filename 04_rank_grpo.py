@@ -386,7 +386,7 @@ def sample_rollouts(model, tok, prompts: list[list[int]], rows: list[dict],
     per_call = max(1, cfg.gen_batch_size // cfg.group_size)  # prompts per decoding batch
     model.eval()
     completions = []
-    with common.autocast(device, cfg.bf16 and device.type == "cuda"), common.gathered(model):
+    with common.decode_autocast(device, cfg.bf16), common.gathered(model):
         for s in range(0, len(prompts), per_call):
             completions += sample(model, prompts[s:s + per_call], cfg.group_size,
                                   cfg.max_new_tokens, eos_ids, tok.pad_token_id, cfg.temperature)
@@ -628,8 +628,8 @@ def validate(model, tok, rows, catalog, cfg: Config) -> dict[str, float]:
     """Greedy Recall/NDCG@{5,10,N} (filtered protocol) on the first --val-limit conversations, on
     rank 0 ({} elsewhere). Call it on every process: a sharded model is gathered for it."""
     device = next(model.parameters()).device
-    with common.gathered(model), common.autocast(device, cfg.bf16 and device.type == "cuda"):
-        if common.rank() != 0:  # (on a CPU, fp32 decodes faster)
+    with common.gathered(model), common.decode_autocast(device, cfg.bf16):
+        if common.rank() != 0:
             return {}
         texts = common.generate(model, tok, [r["prompt"] for r in rows], cfg.max_new_tokens,
                                 batch_size=cfg.gen_batch_size,

@@ -397,7 +397,9 @@ def first_conversations(rows: list[dict], limit: int) -> list[dict]:
 def data_n(data_dir: str | os.PathLike, n: int = 0) -> int:
     """N: `n` when given (> 0), else what 01_catalog.py wrote the prompts with."""
     path = Path(data_dir) / "catalog_summary.json"
-    summary = {"n": n or N_ITEMS} if n > 0 or not path.exists() else read_json(path)
+    if n > 0 or not path.exists():
+        return n if n > 0 else N_ITEMS
+    summary = read_json(path)
     value = summary.get("n") if isinstance(summary, dict) else None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise DataError(f"{path}: 'n' must be a positive integer (the list length); "
@@ -641,6 +643,12 @@ def inference_dtype(device: torch.device, bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
 
 
+def decode_autocast(device: torch.device, bf16: bool):
+    """Autocast for decoding with fp32 master weights (sampling, greedy validation): bf16 where
+    inference_dtype says so."""
+    return autocast(device, inference_dtype(device, bf16) == torch.bfloat16)
+
+
 def setup_distributed(cpu: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world size, device): this process's GPU unless `cpu`; under torchrun (WORLD_SIZE,
     RANK, LOCAL_RANK) it joins the process group, NCCL on GPUs and gloo on CPUs."""
@@ -682,9 +690,10 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
 def all_reduce_grads(model) -> None:
     """Every gradient summed over the processes once per optimizer step (each divided its loss by
     the step's normaliser: the sum is the full-batch gradient). A sharded model's are already."""
-    for h in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
-              if p.grad is not None and dist.is_initialized() and not sharded(model)]:
-        h.wait()
+    if dist.is_initialized() and not sharded(model):
+        for h in [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
+                  if p.grad is not None]:
+            h.wait()
 
 
 def shard(model) -> None:
